@@ -1,0 +1,1 @@
+//! Keel rate limit filter.

@@ -1,0 +1,1 @@
+//! Rate limiting algorithms (placeholder: filled in by the limit work).

@@ -1,0 +1,1 @@
+//! proxy-wasm glue shared by every Keel filter.
