@@ -1,1 +1,31 @@
-//! proxy-wasm glue shared by every Keel filter.
+//! The proxy-wasm glue every Keel filter shares, written once.
+//!
+//! A filter's `lib.rs` reads what it needs from the host through this crate, hands plain values
+//! to `keel-core`, and turns the core's decision back into host calls through this crate:
+//!
+//! - [`clock`]: the host's clock as a core [`Instant`](keel_core::time::Instant).
+//! - [`store`]: the host's shared data as a core [`SharedStore`](keel_core::store::SharedStore),
+//!   with a metric that counts compare-and-swap loops that ran out of attempts.
+//! - [`config`]: reads the plugin configuration, refuses a bad one with one log line that names
+//!   the field (`on_configure` then returns `false`, and Envoy refuses the filter).
+//! - [`request`]: headers (as bytes: the SDK's string accessors panic on non-UTF-8 values),
+//!   properties, the route name, and request keys from the selector syntax.
+//! - [`reply`]: local replies with headers.
+//! - [`metrics`]: counters and gauges defined once per root context.
+//! - [`routes`]: which policies apply to a route name.
+//!
+//! Every function here returns a value or an `Option`: host errors are logged or ignored, never
+//! unwrapped, because a panic in a VM takes down every request of its worker.
+
+pub mod clock;
+pub mod config;
+pub mod log;
+pub mod metrics;
+pub mod reply;
+pub mod request;
+pub mod routes;
+pub mod store;
+
+/// The `vm_id` every Keel filter is configured with, so that filters of the suite share one
+/// shared-data namespace (discovery publishes endpoint sets that the picker reads).
+pub const VM_ID: &str = "keel";

@@ -1,0 +1,80 @@
+//! Loading a filter's configuration.
+//!
+//! The plugin configuration is JSON. It is parsed into the filter's serde structs with
+//! `serde_path_to_error`, so that type errors and unknown fields name their path, and then
+//! validated by the core into typed values. Any error is logged as one line,
+//! `keel <filter>: <path>: <what was expected>`, and the configuration is refused.
+
+use keel_core::config::ConfigError;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::BufferType;
+use serde::de::DeserializeOwned;
+
+/// Parses `bytes` as the JSON of `T`; the error carries the field path.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ConfigError::new(
+            "",
+            "the plugin configuration is empty; expected a JSON object (see the filter's configuration reference)",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ConfigError::new(path, e.into_inner().to_string())
+    })?;
+    de.end().map_err(|e| ConfigError::new("", e.to_string()))?;
+    Ok(value)
+}
+
+/// Reads the plugin configuration of the current root context and parses it with `validate`.
+/// On error logs the one line and returns `None`: the caller's `on_configure` returns `false`.
+pub fn load<T>(filter: &str, validate: impl FnOnce(&[u8]) -> Result<T, ConfigError>) -> Option<T> {
+    let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    match validate(&bytes) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            crate::log::error(filter, &format!("{e}; configuration refused"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        policies: Vec<Inner>,
+    }
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        name: String,
+        #[serde(default)]
+        max_keys: Option<u32>,
+    }
+
+    #[test]
+    fn errors_name_the_path() {
+        let e = parse::<Outer>(br#"{"policies": [{"name": "a"}, {"name": "b", "max_keys": "x"}]}"#)
+            .unwrap_err();
+        assert_eq!(e.path, "policies[1].max_keys");
+        let e = parse::<Outer>(br#"{"policies": [{"name": "a", "nmae": 1}]}"#).unwrap_err();
+        assert_eq!(e.path, "policies[0].nmae");
+        assert!(e.message.contains("unknown field"), "{e}");
+        let e = parse::<Outer>(b"").unwrap_err();
+        assert!(e.message.contains("empty"));
+        let e = parse::<Outer>(b"{").unwrap_err();
+        assert!(e.message.contains("EOF"), "{e}");
+    }
+}

@@ -1,0 +1,85 @@
+//! What a filter reads of the current request.
+
+use keel_core::config::{find_cookie, find_query, path_only, strip_port, Selector};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MapType;
+
+/// A request header's value as bytes (`None` when absent). Bytes, not `String`: the SDK's string
+/// accessors panic on a header that is not UTF-8, and headers come from clients.
+pub fn header(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}
+
+/// A request header's value as text, if it is UTF-8.
+pub fn header_str(name: &str) -> Option<String> {
+    header(name).and_then(|v| String::from_utf8(v).ok())
+}
+
+/// Sets (or replaces) a request header.
+pub fn set_header(name: &str, value: &str) {
+    let _ = hostcalls::set_map_value_bytes(
+        MapType::HttpRequestHeaders,
+        name,
+        Some(value.as_bytes()),
+    );
+}
+
+/// A response header's value as text, if present and UTF-8.
+pub fn response_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+        .ok()
+        .flatten()
+        .and_then(|v| String::from_utf8(v).ok())
+}
+
+/// Adds a response header.
+pub fn add_response_header(name: &str, value: &str) {
+    let _ = hostcalls::add_map_value_bytes(MapType::HttpResponseHeaders, name, value.as_bytes());
+}
+
+/// A host property as bytes (`["route_name"]`, `["source", "address"]`, ...).
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    hostcalls::get_property(path.to_vec()).ok().flatten()
+}
+
+/// A host property as text.
+pub fn property_str(path: &[&str]) -> Option<String> {
+    property(path).and_then(|v| String::from_utf8(v).ok())
+}
+
+/// A host property holding an integer (Envoy encodes them as 8 little-endian bytes).
+pub fn property_i64(path: &[&str]) -> Option<i64> {
+    let bytes = property(path)?;
+    let array: [u8; 8] = bytes.as_slice().try_into().ok()?;
+    Some(i64::from_le_bytes(array))
+}
+
+/// The Envoy route name of the current request, if the route has one.
+pub fn route_name() -> Option<String> {
+    property_str(&["route_name"]).filter(|r| !r.is_empty())
+}
+
+/// The request's key for `selector`: the bytes that identify its bucket, breaker or host.
+/// `None` when the request does not carry it (no such header, cookie or parameter).
+pub fn key(selector: &Selector) -> Option<Vec<u8>> {
+    match selector {
+        Selector::Header(name) => header(name),
+        Selector::Cookie(name) => {
+            let cookies = header_str("cookie")?;
+            find_cookie(&cookies, name).map(|v| v.as_bytes().to_vec())
+        }
+        Selector::Query(name) => {
+            let path = header_str(":path")?;
+            find_query(&path, name).map(|v| v.as_bytes().to_vec())
+        }
+        Selector::SourceIp => {
+            let address = property_str(&["source", "address"])?;
+            Some(strip_port(&address).as_bytes().to_vec())
+        }
+        Selector::Path => header_str(":path").map(|p| path_only(&p).as_bytes().to_vec()),
+        Selector::Route => route_name().map(String::into_bytes),
+        Selector::Global => Some(Vec::new()),
+    }
+}
