@@ -14,11 +14,12 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use keel_core::limit::policy::{self, MissingKey, RateLimitPolicy, RateLimitSpec};
-use keel_core::limit::{headers, Decision, KeyTable, SlotOutcome};
+use keel_core::limit::{headers, Decision, Limiter};
 use keel_core::time::{Duration, Instant};
 use keel_proxy::metrics::Counter;
 use keel_proxy::reply::LocalReply;
 use keel_proxy::routes::RouteMatch;
+use keel_proxy::store::HostStore;
 use keel_proxy::{clock, config, log, request, store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -57,49 +58,27 @@ impl Policy {
         }
     }
 
-    /// Applies one request with key fingerprint `fp` to this policy's table. `None` when the
-    /// shared data could not be updated: the policy fails open and counts it.
-    fn acquire(&self, tier: &str, key: &[u8], now: Instant) -> Option<Decision> {
-        let (_, limiter) = self.rules.limiter_for(Some(tier.as_bytes()));
-        let limiter = if tier.is_empty() {
-            &self.rules.limiter
-        } else {
-            limiter
-        };
-        let fp = KeyTable::fingerprint(&[tier.as_bytes(), b"\0", key].concat());
-        let table = &self.rules.table;
-        let candidates = table.candidates(fp);
-        // The key's own or a free slot among its two candidates; failing both, it shares the
-        // first (stricter, never looser: see keel_core::limit::table).
-        for share in [false, true] {
-            let slots: &[u32] = if share { &candidates[..1] } else { &candidates };
-            for slot in slots {
-                let key = KeyTable::slot_key(&self.prefix, *slot);
-                let result = store::update(&key, &self.failed_open, |old| {
-                    match table.acquire_in_slot(
-                        limiter,
-                        old,
-                        fp,
-                        now,
-                        1,
-                        self.rules.max_delay,
-                        share,
-                    ) {
-                        SlotOutcome::Applied {
-                            new_value,
-                            decision,
-                        } => (new_value, Some(decision)),
-                        SlotOutcome::Occupied => (None, None),
-                    }
-                });
-                match result {
-                    Ok(Some(decision)) => return Some(decision),
-                    Ok(None) => continue,
-                    Err(_) => return None,
-                }
-            }
+    /// Applies one request of `key` in `tier` to this policy's table. `None` when the shared
+    /// data could not be updated: the policy fails open and counts it.
+    fn acquire(&self, limiter: &Limiter, tier: &str, key: &[u8], now: Instant) -> Option<Decision> {
+        // The tier is part of the key: a client that changes plan starts a fresh bucket. The NUL
+        // separator cannot appear in a header value.
+        let key = [tier.as_bytes(), b"\0", key].concat();
+        let rules = &self.rules;
+        let decision = rules.table.acquire(
+            &HostStore,
+            &self.prefix,
+            limiter,
+            &key,
+            now,
+            1,
+            rules.max_delay,
+            store::CAS_ATTEMPTS,
+        );
+        if decision.is_err() {
+            self.failed_open.increment(1);
         }
-        None
+        decision.ok()
     }
 }
 
@@ -119,6 +98,13 @@ impl RootContext for RateLimitRoot {
             return false;
         };
         self.policies = Rc::new(rules.into_iter().map(Policy::new).collect());
+        // Create every slot before traffic: Envoy's shared data cannot create a key "only if
+        // absent", so only writes to existing slots are exact compare-and-swaps.
+        for policy in self.policies.iter() {
+            if let Err(e) = policy.rules.table.prepare(&HostStore, &policy.prefix) {
+                log::warn(FILTER, &format!("policy {}: could not create its slots in shared data ({e:?}); limits may be approximate", policy.rules.name));
+            }
+        }
         let names: Vec<&str> = self.policies.iter().map(|p| p.rules.name.as_str()).collect();
         log::info(FILTER, &format!("configured policies: {}", names.join(", ")));
         true
@@ -193,7 +179,7 @@ impl HttpContext for RateLimitStream {
             let tier_value = rules.tiers.as_ref().and_then(|t| request::key(&t.selector));
             let (tier, limiter) = rules.limiter_for(tier_value.as_deref());
             let label = label(&rules.name, tier);
-            let Some(decision) = policy.acquire(tier, &key, now) else {
+            let Some(decision) = policy.acquire(limiter, tier, &key, now) else {
                 continue;
             };
             let rate = limiter.rate();

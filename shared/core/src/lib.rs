@@ -16,9 +16,13 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod breaker;
 pub mod codec;
 pub mod config;
+pub mod discovery;
+pub mod hash;
 pub mod limit;
 pub mod rand;
+pub mod retry;
 pub mod store;
 pub mod time;

@@ -59,7 +59,7 @@ impl Duration {
     /// The span in whole seconds, rounded up: what a `Retry-After` header must say so that a
     /// client that obeys it is not refused again.
     pub const fn as_secs_ceil(self) -> u64 {
-        self.0 / NANOS_PER_SEC + (self.0 % NANOS_PER_SEC != 0) as u64
+        self.0.div_ceil(NANOS_PER_SEC)
     }
     /// The span in seconds as a float.
     pub fn as_secs_f64(self) -> f64 {
@@ -166,7 +166,7 @@ impl fmt::Display for Duration {
             return f.write_str("0s");
         }
         for (size, name) in units {
-            if n % size == 0 {
+            if n.is_multiple_of(size) {
                 return write!(f, "{}{}", n / size, name);
             }
         }
