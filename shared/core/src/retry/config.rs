@@ -1,0 +1,1056 @@
+//! The retry filter's configuration: JSON in, validated [`RetryPolicy`] values out.
+//!
+//! Two stages, per the configuration contract: serde structs that mirror the JSON
+//! ([`RetryConfigSpec`], `deny_unknown_fields`), then validation into typed values. Every error
+//! names its field path: a type error or an unknown field found by serde is located by
+//! re-probing the JSON one member at a time (every spec field is optional, so a one-member
+//! document deserializes exactly when that member does), and validation builds its paths with
+//! [`FieldPath`].
+//!
+//! ```json
+//! {"policies": [{"name": "default", "cluster": "backend", "max_attempts": 3,
+//!   "backoff": {"base": "25ms", "cap": "250ms", "jitter": "full"},
+//!   "budget": {"ratio": 0.2, "min_per_second": 10, "ttl": "10s"}}]}
+//! ```
+//!
+//! | field | default | rule |
+//! |---|---|---|
+//! | `name` | required | letters, digits, `-`, `_`; unique; names metrics and the shared-data key |
+//! | `cluster` | required | the Envoy cluster retries are sent to as callouts |
+//! | `routes` | all routes | Envoy route names; the first policy naming a route wins |
+//! | `max_attempts` | 3 | 1 to 5, first attempt included (1: never retry); gRPC caps at 5 too |
+//! | `backoff.base` | `"25ms"` | more than zero (Envoy's default base) |
+//! | `backoff.cap` | 10 x `base` | at least `base` (Envoy's default cap) |
+//! | `backoff.jitter` | `"full"` | `full`, `equal`, `decorrelated`, `none` |
+//! | `budget.ratio` | 0.2 | 0 to 4 |
+//! | `budget.min_per_second` | 10 | 0 to 1 000 000 |
+//! | `budget.ttl` | `"10s"` | 1 s to 60 s |
+//! | `retry_on` | `["5xx", "reset", "connect-failure"]` | see [`crate::retry::condition`] |
+//! | `retriable_statuses` | `[]` | 400 to 599, retried whatever `retry_on` says |
+//! | `deadline` | `"10s"` | more than zero; from the request's arrival to the last attempt's start |
+//! | `per_try_timeout` | `"2s"`, at most `deadline` | more than zero, at most `deadline` |
+//! | `max_body` | 65536 | bytes, at most 16 MiB: larger bodies are never retried |
+//! | `attempt_header` | `"x-keel-attempts"` | response header with the attempt count; `null` disables |
+//! | `idempotency_key_header` | `"idempotency-key"` | request header that makes any method retryable |
+//! | `respect_retry_after` | `true` | wait for `Retry-After` / `X-RateLimit-Reset` on 429 and 503 |
+//! | `max_retry_after` | `"300s"` | more than zero, at most 1 h; a longer ask gives up (Envoy's bound) |
+//!
+//! Why these defaults: `deadline` 10 s bounds how long a client is held; `per_try_timeout` 2 s
+//! lets three tries with their backoff fit in it with room to spare, while leaving slow but
+//! healthy answers alone (set it near the backend's p99.9). The first attempt goes through
+//! Envoy's router, whose route timeout applies to it instead. Because the deadline applies,
+//! a `Retry-After` longer than what is left of it also gives up, whatever `max_retry_after`.
+
+use alloc::borrow::ToOwned;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use crate::config::{check_names, parse_duration, parse_positive_duration, ConfigError, FieldPath};
+use crate::retry::backoff::{Backoff, InvalidBackoff, Jitter};
+use crate::retry::budget::{InvalidBudget, RetryBudget};
+use crate::retry::condition::{RetryCondition, RetryOn, ALL_CONDITIONS, DEFAULT_RETRY_ON};
+use crate::retry::eligibility::{Eligibility, IDEMPOTENCY_KEY_HEADER};
+use crate::time::Duration;
+
+/// The most attempts a policy may make, first attempt included.
+pub const MAX_ATTEMPTS: u32 = 5;
+/// The default `max_attempts`.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// The default `deadline`.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+/// The default `per_try_timeout` (lowered to the deadline when that is shorter).
+pub const DEFAULT_PER_TRY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The default `max_body`: 64 KiB.
+pub const DEFAULT_MAX_BODY: u64 = 64 * 1024;
+/// The largest `max_body`: 16 MiB, held in the VM's memory while attempts last.
+pub const MAX_MAX_BODY: u64 = 16 * 1024 * 1024;
+/// The default `attempt_header`.
+pub const DEFAULT_ATTEMPT_HEADER: &str = "x-keel-attempts";
+/// The default `max_retry_after`: Envoy's bound on rate-limit headers.
+pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// The largest `max_retry_after`.
+pub const MAX_MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// The JSON document: `{"policies": [...]}`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfigSpec {
+    /// The retry policies, first match wins.
+    pub policies: Option<Vec<PolicySpec>>,
+}
+
+/// One policy as written. Every field is optional here; required ones are checked while
+/// validating, so the error names the field.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    /// The policy's name.
+    pub name: Option<String>,
+    /// The Envoy cluster retries go to.
+    pub cluster: Option<String>,
+    /// Envoy route names; absent means all routes.
+    pub routes: Option<Vec<String>>,
+    /// Attempts, first included.
+    pub max_attempts: Option<u32>,
+    /// The backoff schedule.
+    pub backoff: Option<BackoffSpec>,
+    /// The retry budget.
+    pub budget: Option<BudgetSpec>,
+    /// Condition names.
+    pub retry_on: Option<Vec<String>>,
+    /// Statuses always retried.
+    pub retriable_statuses: Option<Vec<u16>>,
+    /// A duration string.
+    pub per_try_timeout: Option<String>,
+    /// A duration string.
+    pub deadline: Option<String>,
+    /// Bytes.
+    pub max_body: Option<u64>,
+    /// Absent: the default header; `null`: none; a string: that header.
+    #[serde(default, deserialize_with = "present")]
+    pub attempt_header: Option<Option<String>>,
+    /// A request header name.
+    pub idempotency_key_header: Option<String>,
+    /// Whether to wait for `Retry-After`.
+    pub respect_retry_after: Option<bool>,
+    /// A duration string.
+    pub max_retry_after: Option<String>,
+}
+
+/// `backoff` as written.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffSpec {
+    /// A duration string.
+    pub base: Option<String>,
+    /// A duration string.
+    pub cap: Option<String>,
+    /// A jitter name.
+    pub jitter: Option<String>,
+}
+
+/// `budget` as written.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSpec {
+    /// The share of requests retries may add.
+    pub ratio: Option<f64>,
+    /// Retries per second allowed whatever the traffic.
+    pub min_per_second: Option<u32>,
+    /// A duration string.
+    pub ttl: Option<String>,
+}
+
+/// Tells an explicit `null` (`Some(None)`) from an absent field (`None`).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// A validated retry policy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    name: String,
+    cluster: String,
+    routes: Option<Vec<String>>,
+    max_attempts: u32,
+    backoff: Backoff,
+    budget: RetryBudget,
+    retry_on: RetryOn,
+    per_try_timeout: Duration,
+    deadline: Duration,
+    max_body: u64,
+    attempt_header: Option<String>,
+    idempotency_key_header: String,
+    respect_retry_after: bool,
+    max_retry_after: Duration,
+}
+
+impl RetryPolicy {
+    /// The policy's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The Envoy cluster retries are sent to.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+    /// The route names it applies to; `None` for all routes.
+    pub fn routes(&self) -> Option<&[String]> {
+        self.routes.as_deref()
+    }
+    /// Whether the policy applies to the route named `route` (`None`: the host gave no name,
+    /// and only a policy for all routes applies).
+    pub fn applies_to(&self, route: Option<&str>) -> bool {
+        match (&self.routes, route) {
+            (None, _) => true,
+            (Some(routes), Some(route)) => routes.iter().any(|r| r == route),
+            (Some(_), None) => false,
+        }
+    }
+    /// Attempts, the first included: 1 to [`MAX_ATTEMPTS`].
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+    /// The backoff schedule.
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+    /// The retry budget.
+    pub fn budget(&self) -> &RetryBudget {
+        &self.budget
+    }
+    /// The shared-data key of the budget: `keel/retry/<name>/budget`.
+    pub fn budget_key(&self) -> String {
+        format!("keel/retry/{}/budget", self.name)
+    }
+    /// What is retried.
+    pub fn retry_on(&self) -> &RetryOn {
+        &self.retry_on
+    }
+    /// The longest a retry attempt may take.
+    pub fn per_try_timeout(&self) -> Duration {
+        self.per_try_timeout
+    }
+    /// The longest from a request's arrival to the start of its last attempt.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+    /// The largest body that is buffered for retries.
+    pub fn max_body(&self) -> u64 {
+        self.max_body
+    }
+    /// The response header carrying the attempt count, if any (lower case).
+    pub fn attempt_header(&self) -> Option<&str> {
+        self.attempt_header.as_deref()
+    }
+    /// The request header that makes any method retryable (lower case).
+    pub fn idempotency_key_header(&self) -> &str {
+        &self.idempotency_key_header
+    }
+    /// Whether 429 and 503 pushback is waited for.
+    pub fn respect_retry_after(&self) -> bool {
+        self.respect_retry_after
+    }
+    /// The longest pushback waited for.
+    pub fn max_retry_after(&self) -> Duration {
+        self.max_retry_after
+    }
+    /// The eligibility of a request under this policy (see [`Eligibility::of`]).
+    pub fn eligibility(
+        &self,
+        method: &str,
+        idempotency_key: Option<&str>,
+        body_len: u64,
+    ) -> Eligibility {
+        Eligibility::of(method, idempotency_key, body_len, self.max_body)
+    }
+
+    /// Validates the policy written at `path`.
+    pub fn from_spec(path: &FieldPath, spec: &PolicySpec) -> Result<RetryPolicy, ConfigError> {
+        let name = required(
+            path,
+            "name",
+            &spec.name,
+            "a name for metrics and shared data",
+        )?;
+        let cluster = required(
+            path,
+            "cluster",
+            &spec.cluster,
+            "the Envoy cluster to retry to",
+        )?;
+        let routes = spec
+            .routes
+            .as_ref()
+            .map(|routes| validate_routes(&path.field("routes"), routes))
+            .transpose()?;
+
+        let max_attempts = spec.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        let at = path.field("max_attempts");
+        if max_attempts == 0 {
+            return Err(at.error("at least 1 (1 means no retries), got 0"));
+        }
+        if max_attempts > MAX_ATTEMPTS {
+            return Err(at.error(format!("at most {MAX_ATTEMPTS}, got {max_attempts}")));
+        }
+
+        let backoff = validate_backoff(
+            &path.field("backoff"),
+            spec.backoff.as_ref().unwrap_or(&BackoffSpec::default()),
+        )?;
+        let budget = validate_budget(
+            &path.field("budget"),
+            spec.budget.as_ref().unwrap_or(&BudgetSpec::default()),
+        )?;
+
+        let deadline = match &spec.deadline {
+            Some(text) => parse_positive_duration(&path.field("deadline"), text)?,
+            None => DEFAULT_DEADLINE,
+        };
+        let per_try_timeout = match &spec.per_try_timeout {
+            Some(text) => {
+                let at = path.field("per_try_timeout");
+                let timeout = parse_positive_duration(&at, text)?;
+                if timeout > deadline {
+                    return Err(at.error(format!(
+                        "must be at most the deadline ({deadline}), got \"{text}\""
+                    )));
+                }
+                timeout
+            }
+            None => DEFAULT_PER_TRY_TIMEOUT.min(deadline),
+        };
+
+        let max_body = spec.max_body.unwrap_or(DEFAULT_MAX_BODY);
+        if max_body > MAX_MAX_BODY {
+            return Err(path.field("max_body").error(format!(
+                "at most {MAX_MAX_BODY} bytes (16 MiB, held in memory for retries), got {max_body}"
+            )));
+        }
+
+        let attempt_header = match &spec.attempt_header {
+            None => Some(DEFAULT_ATTEMPT_HEADER.to_owned()),
+            Some(None) => None,
+            Some(Some(name)) => Some(header_name(&path.field("attempt_header"), name)?),
+        };
+        let idempotency_key_header = match &spec.idempotency_key_header {
+            None => IDEMPOTENCY_KEY_HEADER.to_owned(),
+            Some(name) => header_name(&path.field("idempotency_key_header"), name)?,
+        };
+
+        let respect_retry_after = spec.respect_retry_after.unwrap_or(true);
+        let max_retry_after = match &spec.max_retry_after {
+            Some(text) => {
+                let at = path.field("max_retry_after");
+                let max = parse_positive_duration(&at, text)?;
+                if max > MAX_MAX_RETRY_AFTER {
+                    return Err(at.error(format!("at most {MAX_MAX_RETRY_AFTER}, got \"{text}\"")));
+                }
+                max
+            }
+            None => DEFAULT_MAX_RETRY_AFTER,
+        };
+
+        let retry_on = validate_retry_on(path, spec, respect_retry_after)?;
+
+        Ok(RetryPolicy {
+            name,
+            cluster,
+            routes,
+            max_attempts,
+            backoff,
+            budget,
+            retry_on,
+            per_try_timeout,
+            deadline,
+            max_body,
+            attempt_header,
+            idempotency_key_header,
+            respect_retry_after,
+            max_retry_after,
+        })
+    }
+}
+
+fn required(
+    path: &FieldPath,
+    field: &str,
+    value: &Option<String>,
+    what: &str,
+) -> Result<String, ConfigError> {
+    match value {
+        Some(v) if !v.trim().is_empty() => Ok(v.clone()),
+        Some(_) => Err(path
+            .field(field)
+            .error(format!("must not be empty ({what})"))),
+        None => Err(path.field(field).error(format!("required ({what})"))),
+    }
+}
+
+fn validate_routes(path: &FieldPath, routes: &[String]) -> Result<Vec<String>, ConfigError> {
+    if routes.is_empty() {
+        return Err(path.error("an empty list matches no route; omit \"routes\" to match all"));
+    }
+    for (i, route) in routes.iter().enumerate() {
+        if route.is_empty() {
+            return Err(path.index(i).error("must not be empty"));
+        }
+    }
+    Ok(routes.to_vec())
+}
+
+fn validate_backoff(path: &FieldPath, spec: &BackoffSpec) -> Result<Backoff, ConfigError> {
+    let base = match &spec.base {
+        Some(text) => parse_positive_duration(&path.field("base"), text)?,
+        None => Backoff::default().base(),
+    };
+    let cap = match &spec.cap {
+        Some(text) => parse_duration(&path.field("cap"), text)?,
+        // Envoy's rule: ten times the base.
+        None => base.saturating_mul(10),
+    };
+    let jitter = match &spec.jitter {
+        Some(name) => Jitter::from_name(name).ok_or_else(|| {
+            path.field("jitter").error(format!(
+                "expected \"full\", \"equal\", \"decorrelated\" or \"none\", got \"{name}\""
+            ))
+        })?,
+        None => Jitter::default(),
+    };
+    Backoff::new(base, cap, jitter).map_err(|e| match e {
+        InvalidBackoff::ZeroBase => path.field("base").error(e.to_string()),
+        InvalidBackoff::CapBelowBase => path
+            .field("cap")
+            .error(format!("must be at least base ({base}), got {cap}")),
+    })
+}
+
+fn validate_budget(path: &FieldPath, spec: &BudgetSpec) -> Result<RetryBudget, ConfigError> {
+    let defaults = RetryBudget::default();
+    let ratio = spec.ratio.unwrap_or(defaults.ratio());
+    let min_per_second = spec.min_per_second.unwrap_or(defaults.min_per_second());
+    let ttl = match &spec.ttl {
+        Some(text) => parse_duration(&path.field("ttl"), text)?,
+        None => defaults.ttl(),
+    };
+    RetryBudget::new(ratio, min_per_second, ttl).map_err(|e| match e {
+        InvalidBudget::Ratio => path.field("ratio").error(format!("{e}, got {ratio}")),
+        InvalidBudget::MinPerSecond => path
+            .field("min_per_second")
+            .error(format!("{e}, got {min_per_second}")),
+        InvalidBudget::Ttl => path.field("ttl").error(format!("{e}, got {ttl}")),
+    })
+}
+
+fn validate_retry_on(
+    path: &FieldPath,
+    spec: &PolicySpec,
+    respect_retry_after: bool,
+) -> Result<RetryOn, ConfigError> {
+    let statuses = spec.retriable_statuses.clone().unwrap_or_default();
+    for (i, status) in statuses.iter().enumerate() {
+        if !(400..=599).contains(status) {
+            return Err(path
+                .field("retriable_statuses")
+                .index(i)
+                .error(format!("must be a 4xx or 5xx status, got {status}")));
+        }
+    }
+    let Some(names) = &spec.retry_on else {
+        return Ok(RetryOn::new(&DEFAULT_RETRY_ON, statuses));
+    };
+    let at = path.field("retry_on");
+    let mut conditions = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let condition = RetryCondition::from_name(name).ok_or_else(|| {
+            let known: Vec<String> = ALL_CONDITIONS
+                .iter()
+                .map(|c| format!("\"{}\"", c.name()))
+                .collect();
+            at.index(i).error(format!(
+                "unknown condition \"{name}\", expected one of {}",
+                known.join(", ")
+            ))
+        })?;
+        match condition {
+            RetryCondition::RetriableStatusCodes if statuses.is_empty() => {
+                return Err(at
+                    .index(i)
+                    .error("\"retriable-status-codes\" needs a non-empty \"retriable_statuses\""));
+            }
+            RetryCondition::RateLimited if !respect_retry_after => {
+                return Err(at.index(i).error(
+                    "\"rate-limited\" waits for Retry-After: it needs \"respect_retry_after\": true",
+                ));
+            }
+            _ => conditions.push(condition),
+        }
+    }
+    if conditions.is_empty() && statuses.is_empty() {
+        return Err(at.error(
+            "an empty list never retries; omit it for the default [\"5xx\", \"reset\", \"connect-failure\"]",
+        ));
+    }
+    Ok(RetryOn::new(&conditions, statuses))
+}
+
+/// A request or response header name: an RFC 9110 token, stored in lower case.
+fn header_name(path: &FieldPath, name: &str) -> Result<String, ConfigError> {
+    let is_tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(is_tchar) {
+        return Err(path.error(format!(
+            "expected a header name such as \"x-keel-attempts\", got \"{name}\""
+        )));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+/// The validated configuration: the policies in order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryConfig {
+    policies: Vec<RetryPolicy>,
+}
+
+impl RetryConfig {
+    /// Parses and validates the filter's JSON configuration.
+    pub fn from_json(text: &str) -> Result<RetryConfig, ConfigError> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ConfigError::new("", format!("not valid JSON: {e}")))?;
+        refuse_arrays_for_objects(&value)?;
+        let spec: RetryConfigSpec = deserialize_located(&value)?;
+        RetryConfig::from_spec(&spec)
+    }
+
+    /// Validates a parsed document.
+    pub fn from_spec(spec: &RetryConfigSpec) -> Result<RetryConfig, ConfigError> {
+        let path = FieldPath::root().field("policies");
+        let specs = match &spec.policies {
+            Some(specs) if !specs.is_empty() => specs,
+            _ => return Err(path.error("required: at least one retry policy")),
+        };
+        let policies = specs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| RetryPolicy::from_spec(&path.index(i), p))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_names(&path, "name", policies.iter().map(|p| p.name()))?;
+        check_reachable(&path, &policies)?;
+        Ok(RetryConfig { policies })
+    }
+
+    /// The policies, in order.
+    pub fn policies(&self) -> &[RetryPolicy] {
+        &self.policies
+    }
+
+    /// The first policy that applies to the route named `route`.
+    pub fn policy_for_route(&self, route: Option<&str>) -> Option<&RetryPolicy> {
+        self.policies.iter().find(|p| p.applies_to(route))
+    }
+}
+
+/// Refuses a policy that can never be chosen: after one for all routes, or naming only routes
+/// that earlier policies took. Either is a mistake the operator wants to hear about at load.
+fn check_reachable(path: &FieldPath, policies: &[RetryPolicy]) -> Result<(), ConfigError> {
+    for (i, policy) in policies.iter().enumerate() {
+        let earlier = policies.get(..i).unwrap_or_default();
+        if let Some(j) = earlier.iter().position(|p| p.routes.is_none()) {
+            return Err(path.index(i).error(format!(
+                "never used: policies[{j}] (\"{}\") already applies to every route",
+                earlier.get(j).map_or("", |p| p.name())
+            )));
+        }
+        for (k, route) in policy.routes.iter().flatten().enumerate() {
+            if let Some(j) = earlier.iter().position(|p| p.applies_to(Some(route))) {
+                return Err(path.index(i).field("routes").index(k).error(format!(
+                    "route \"{route}\" is already taken by policies[{j}]; the first match wins"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// serde's derived structs also accept a JSON array, read by position (`"backoff": ["25ms",
+/// "250ms"]` would pass as base and cap). Nobody means that: refuse an array wherever the
+/// document has an object.
+fn refuse_arrays_for_objects(value: &Value) -> Result<(), ConfigError> {
+    let refuse = |path: &FieldPath| Err(path.error("expected an object {...}, got an array"));
+    let root = FieldPath::root();
+    if value.is_array() {
+        return refuse(&root);
+    }
+    let policies = value.get("policies").and_then(Value::as_array);
+    for (i, policy) in policies.into_iter().flatten().enumerate() {
+        let at = root.field("policies").index(i);
+        if policy.is_array() {
+            return refuse(&at);
+        }
+        for field in ["backoff", "budget"] {
+            if policy.get(field).is_some_and(Value::is_array) {
+                return refuse(&at.field(field));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deserializes `T` from `value`; on failure the error names the deepest member at fault.
+fn deserialize_located<T: DeserializeOwned>(value: &Value) -> Result<T, ConfigError> {
+    match serde_json::from_value::<T>(value.clone()) {
+        Ok(t) => Ok(t),
+        Err(e) => Err(locate::<T>(value, e.to_string())),
+    }
+}
+
+/// One step of a path into a JSON document.
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// Walks down from the root of `value` to the member that makes `T` fail: at each level, the
+/// first member that fails in a document holding it alone (every spec field being optional,
+/// the rest of the document does not matter). Stops where no single member fails, which is
+/// where the fault is.
+fn locate<T: DeserializeOwned>(value: &Value, root_message: String) -> ConfigError {
+    let mut steps: Vec<Step<'_>> = Vec::new();
+    let mut here = value;
+    let mut message = root_message;
+    loop {
+        let fails = |step: &Step<'_>, member: &Value| {
+            serde_json::from_value::<T>(wrap(&steps, step, member)).err()
+        };
+        let failing = match here {
+            Value::Object(map) => map
+                .iter()
+                .find_map(|(k, v)| fails(&Step::Key(k), v).map(|e| (Step::Key(k.as_str()), v, e))),
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| fails(&Step::Index(i), v).map(|e| (Step::Index(i), v, e))),
+            _ => None,
+        };
+        let Some((step, member, error)) = failing else {
+            break;
+        };
+        steps.push(step);
+        here = member;
+        message = error.to_string();
+    }
+    let mut path = FieldPath::root();
+    for step in &steps {
+        path = match step {
+            Step::Key(k) => path.field(k),
+            Step::Index(i) => path.index(*i),
+        };
+    }
+    path.error(message)
+}
+
+/// The smallest document with `member` at `steps` + `last`: one key per object, one item per
+/// array.
+fn wrap(steps: &[Step<'_>], last: &Step<'_>, member: &Value) -> Value {
+    steps.iter().chain(core::iter::once(last)).rev().fold(
+        member.clone(),
+        |inner, step| match step {
+            Step::Key(k) => {
+                let mut map = serde_json::Map::new();
+                map.insert((*k).to_owned(), inner);
+                Value::Object(map)
+            }
+            Step::Index(_) => Value::Array(vec![inner]),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+    use crate::retry::condition::RetryCondition as C;
+
+    const MINIMAL: &str = r#"{"policies": [{"name": "default", "cluster": "backend", "max_attempts": 3, "backoff": {"base": "25ms", "cap": "250ms", "jitter": "full"}, "budget": {"ratio": 0.2, "min_per_second": 10, "ttl": "10s"}}]}"#;
+
+    /// The error for a policy `{"name": "p", "cluster": "c", <extra>}`.
+    fn policy_error(extra: &str) -> ConfigError {
+        let json = format!(r#"{{"policies": [{{"name": "p", "cluster": "c", {extra}}}]}}"#);
+        RetryConfig::from_json(&json).unwrap_err()
+    }
+
+    fn assert_refused(extra: &str, path: &str, words: &str) {
+        let e = policy_error(extra);
+        assert_eq!(e.path, path, "{extra}: {e}");
+        assert!(e.message.contains(words), "{extra}: {e}");
+    }
+
+    #[test]
+    fn the_minimal_config_parses_with_the_documented_defaults() {
+        let config = RetryConfig::from_json(MINIMAL).unwrap();
+        let [p] = config.policies() else {
+            panic!("one policy")
+        };
+        assert_eq!(p.name(), "default");
+        assert_eq!(p.cluster(), "backend");
+        assert_eq!(p.routes(), None);
+        assert_eq!(p.max_attempts(), 3);
+        assert_eq!(
+            *p.backoff(),
+            Backoff::new(
+                Duration::from_millis(25),
+                Duration::from_millis(250),
+                Jitter::Full
+            )
+            .unwrap()
+        );
+        assert_eq!(*p.budget(), RetryBudget::default());
+        assert_eq!(*p.retry_on(), RetryOn::default());
+        assert_eq!(p.per_try_timeout(), Duration::from_secs(2));
+        assert_eq!(p.deadline(), Duration::from_secs(10));
+        assert_eq!(p.max_body(), 65_536);
+        assert_eq!(p.attempt_header(), Some("x-keel-attempts"));
+        assert_eq!(p.idempotency_key_header(), "idempotency-key");
+        assert!(p.respect_retry_after());
+        assert_eq!(p.max_retry_after(), Duration::from_secs(300));
+        assert_eq!(p.budget_key(), "keel/retry/default/budget");
+        assert!(p.applies_to(Some("anything")) && p.applies_to(None));
+    }
+
+    #[test]
+    fn name_and_cluster_alone_take_every_default() {
+        let bare =
+            RetryConfig::from_json(r#"{"policies": [{"name": "default", "cluster": "backend"}]}"#)
+                .unwrap();
+        assert_eq!(bare, RetryConfig::from_json(MINIMAL).unwrap());
+    }
+
+    #[test]
+    fn every_field_can_be_set() {
+        let json = r#"{"policies": [{"name": "orders", "cluster": "orders_v2",
+            "routes": ["orders", "checkout"], "max_attempts": 5,
+            "backoff": {"base": "10ms", "jitter": "decorrelated"},
+            "budget": {"ratio": 0.5, "min_per_second": 0, "ttl": "30s"},
+            "retry_on": ["gateway-error", "rate-limited", "retriable-status-codes"],
+            "retriable_statuses": [409, 429], "per_try_timeout": "300ms", "deadline": "3s",
+            "max_body": 0, "attempt_header": "X-Attempts",
+            "idempotency_key_header": "X-Request-Key", "respect_retry_after": true,
+            "max_retry_after": "30s"}]}"#;
+        let config = RetryConfig::from_json(json).unwrap();
+        let p = &config.policies()[0];
+        assert_eq!(
+            p.routes(),
+            Some(&["orders".to_owned(), "checkout".to_owned()][..])
+        );
+        assert_eq!(p.max_attempts(), 5);
+        assert_eq!(p.backoff().cap(), Duration::from_millis(100));
+        assert_eq!(p.backoff().jitter(), Jitter::Decorrelated);
+        assert_eq!(p.budget().ttl(), Duration::from_secs(30));
+        assert_eq!(
+            *p.retry_on(),
+            RetryOn::new(
+                &[C::GatewayError, C::RateLimited, C::RetriableStatusCodes],
+                vec![409, 429]
+            )
+        );
+        assert_eq!(p.per_try_timeout(), Duration::from_millis(300));
+        assert_eq!(p.deadline(), Duration::from_secs(3));
+        assert_eq!(p.max_body(), 0);
+        assert_eq!(p.attempt_header(), Some("x-attempts"));
+        assert_eq!(p.idempotency_key_header(), "x-request-key");
+        assert_eq!(p.max_retry_after(), Duration::from_secs(30));
+        assert!(p.applies_to(Some("checkout")));
+        assert!(!p.applies_to(Some("search")) && !p.applies_to(None));
+    }
+
+    #[test]
+    fn null_disables_the_attempt_header() {
+        let json = r#"{"policies": [{"name": "p", "cluster": "c", "attempt_header": null}]}"#;
+        let config = RetryConfig::from_json(json).unwrap();
+        assert_eq!(config.policies()[0].attempt_header(), None);
+    }
+
+    #[test]
+    fn a_short_deadline_lowers_the_default_per_try_timeout() {
+        let json = r#"{"policies": [{"name": "p", "cluster": "c", "deadline": "500ms"}]}"#;
+        let config = RetryConfig::from_json(json).unwrap();
+        assert_eq!(
+            config.policies()[0].per_try_timeout(),
+            Duration::from_millis(500)
+        );
+    }
+
+    #[test]
+    fn max_attempts_is_bounded_with_a_clear_message() {
+        let e = policy_error(r#""max_attempts": 7"#);
+        assert_eq!(e.to_string(), "policies[0].max_attempts: at most 5, got 7");
+        assert_refused(
+            r#""max_attempts": 0"#,
+            "policies[0].max_attempts",
+            "at least 1",
+        );
+        assert_refused(
+            r#""max_attempts": -1"#,
+            "policies[0].max_attempts",
+            "invalid value",
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_at_their_path() {
+        for (extra, path, words) in [
+            (
+                r#""backoff": {"base": "0ms"}"#,
+                "policies[0].backoff.base",
+                "more than zero",
+            ),
+            (
+                r#""backoff": {"base": "fast"}"#,
+                "policies[0].backoff.base",
+                "\"fast\"",
+            ),
+            (
+                r#""backoff": {"base": "100ms", "cap": "50ms"}"#,
+                "policies[0].backoff.cap",
+                "at least base (100ms), got 50ms",
+            ),
+            (
+                r#""backoff": {"jitter": "random"}"#,
+                "policies[0].backoff.jitter",
+                "\"random\"",
+            ),
+            (
+                r#""budget": {"ratio": 5}"#,
+                "policies[0].budget.ratio",
+                "from 0 to 4, got 5",
+            ),
+            (
+                r#""budget": {"ratio": -0.5}"#,
+                "policies[0].budget.ratio",
+                "got -0.5",
+            ),
+            (
+                r#""budget": {"min_per_second": 2000000}"#,
+                "policies[0].budget.min_per_second",
+                "at most",
+            ),
+            (
+                r#""budget": {"ttl": "500ms"}"#,
+                "policies[0].budget.ttl",
+                "from 1s to 1m",
+            ),
+            (
+                r#""budget": {"ttl": "2m"}"#,
+                "policies[0].budget.ttl",
+                "got 2m",
+            ),
+            (
+                r#""retry_on": ["5xx", "500"]"#,
+                "policies[0].retry_on[1]",
+                "unknown condition \"500\"",
+            ),
+            (r#""retry_on": []"#, "policies[0].retry_on", "never retries"),
+            (
+                r#""retry_on": ["retriable-status-codes"]"#,
+                "policies[0].retry_on[0]",
+                "retriable_statuses",
+            ),
+            (
+                r#""retry_on": ["rate-limited"], "respect_retry_after": false"#,
+                "policies[0].retry_on[0]",
+                "respect_retry_after",
+            ),
+            (
+                r#""retriable_statuses": [503, 200]"#,
+                "policies[0].retriable_statuses[1]",
+                "got 200",
+            ),
+            (
+                r#""retriable_statuses": [70000]"#,
+                "policies[0].retriable_statuses[0]",
+                "u16",
+            ),
+            (
+                r#""per_try_timeout": "0s""#,
+                "policies[0].per_try_timeout",
+                "more than zero",
+            ),
+            (
+                r#""per_try_timeout": "20s""#,
+                "policies[0].per_try_timeout",
+                "at most the deadline (10s)",
+            ),
+            (r#""deadline": "soon""#, "policies[0].deadline", "\"soon\""),
+            (
+                r#""max_body": 20000000"#,
+                "policies[0].max_body",
+                "at most 16777216",
+            ),
+            (
+                r#""attempt_header": "x attempts""#,
+                "policies[0].attempt_header",
+                "header name",
+            ),
+            (
+                r#""attempt_header": """#,
+                "policies[0].attempt_header",
+                "header name",
+            ),
+            (
+                r#""idempotency_key_header": ":path""#,
+                "policies[0].idempotency_key_header",
+                "header name",
+            ),
+            (
+                r#""max_retry_after": "2h""#,
+                "policies[0].max_retry_after",
+                "at most 1h",
+            ),
+            (r#""routes": []"#, "policies[0].routes", "matches no route"),
+            (r#""routes": ["a", ""]"#, "policies[0].routes[1]", "empty"),
+            (
+                r#""respect_retry_after": "yes""#,
+                "policies[0].respect_retry_after",
+                "expected a boolean",
+            ),
+        ] {
+            assert_refused(extra, path, words);
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_at_their_path() {
+        assert_refused(
+            r#""max_attemps": 3"#,
+            "policies[0].max_attemps",
+            "unknown field",
+        );
+        assert_refused(
+            r#""backoff": {"base": "25ms", "jiter": "full"}"#,
+            "policies[0].backoff.jiter",
+            "unknown field",
+        );
+        assert_refused(
+            r#""budget": {"percent": 20}"#,
+            "policies[0].budget.percent",
+            "unknown field",
+        );
+        let e = RetryConfig::from_json(r#"{"policies": [], "polices": []}"#).unwrap_err();
+        assert_eq!(e.path, "polices");
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        assert_refused(
+            r#""max_attempts": "3""#,
+            "policies[0].max_attempts",
+            "expected u32",
+        );
+        assert_refused(
+            r#""backoff": "fast""#,
+            "policies[0].backoff",
+            "invalid type",
+        );
+        assert_refused(
+            r#""budget": {"ratio": "20%"}"#,
+            "policies[0].budget.ratio",
+            "invalid type",
+        );
+        assert_refused(
+            r#""routes": "orders""#,
+            "policies[0].routes",
+            "invalid type",
+        );
+        assert_refused(
+            r#""routes": ["a", 7]"#,
+            "policies[0].routes[1]",
+            "invalid type",
+        );
+        // The second policy's fault is reported at index 1.
+        let json = r#"{"policies": [{"name": "a", "cluster": "c", "routes": ["x"]},
+            {"name": "b", "cluster": "c", "deadline": 10}]}"#;
+        assert_eq!(
+            RetryConfig::from_json(json).unwrap_err().path,
+            "policies[1].deadline"
+        );
+    }
+
+    #[test]
+    fn required_fields_and_documents() {
+        let e = RetryConfig::from_json(r#"{"policies": [{"cluster": "c"}]}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "policies[0].name: required (a name for metrics and shared data)"
+        );
+        let e =
+            RetryConfig::from_json(r#"{"policies": [{"name": "p", "cluster": " "}]}"#).unwrap_err();
+        assert_eq!(e.path, "policies[0].cluster");
+        for json in ["{}", r#"{"policies": []}"#, r#"{"policies": null}"#] {
+            assert_eq!(
+                RetryConfig::from_json(json).unwrap_err().path,
+                "policies",
+                "{json}"
+            );
+        }
+        let e = RetryConfig::from_json("{\"policies\": [").unwrap_err();
+        assert!(
+            e.path.is_empty() && e.message.starts_with("not valid JSON"),
+            "{e}"
+        );
+        let e = RetryConfig::from_json("7").unwrap_err();
+        assert!(
+            e.path.is_empty() && e.message.contains("invalid type"),
+            "{e}"
+        );
+        let e = RetryConfig::from_json(r#"{"policies": [7]}"#).unwrap_err();
+        assert_eq!(e.path, "policies[0]");
+    }
+
+    #[test]
+    fn arrays_are_not_read_as_objects_by_position() {
+        for (json, path) in [
+            ("[[]]", ""),
+            (r#"{"policies": [["p", "c"]]}"#, "policies[0]"),
+            (
+                r#"{"policies": [{"name": "p", "cluster": "c", "backoff": ["25ms", "250ms"]}]}"#,
+                "policies[0].backoff",
+            ),
+            (
+                r#"{"policies": [{"name": "p", "cluster": "c", "budget": [0.2, 10, "10s"]}]}"#,
+                "policies[0].budget",
+            ),
+        ] {
+            let e = RetryConfig::from_json(json).unwrap_err();
+            assert_eq!(e.path, path, "{json}");
+            assert!(e.message.contains("got an array"), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn names_and_routes_must_not_collide() {
+        let e = RetryConfig::from_json(
+            r#"{"policies": [{"name": "a", "cluster": "c", "routes": ["x"]}, {"name": "a", "cluster": "c"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "policies[1].name");
+        let e = RetryConfig::from_json(r#"{"policies": [{"name": "a/b", "cluster": "c"}]}"#)
+            .unwrap_err();
+        assert_eq!(e.path, "policies[0].name");
+        let e = RetryConfig::from_json(
+            r#"{"policies": [{"name": "all", "cluster": "c"}, {"name": "b", "cluster": "c", "routes": ["x"]}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "policies[1]");
+        assert!(e.message.contains("policies[0] (\"all\")"), "{e}");
+        let e = RetryConfig::from_json(
+            r#"{"policies": [{"name": "a", "cluster": "c", "routes": ["x", "y"]}, {"name": "b", "cluster": "c", "routes": ["z", "y"]}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "policies[1].routes[1]");
+    }
+
+    #[test]
+    fn the_first_matching_policy_wins() {
+        let config = RetryConfig::from_json(
+            r#"{"policies": [{"name": "orders", "cluster": "c", "routes": ["orders"]},
+                {"name": "rest", "cluster": "c"}]}"#,
+        )
+        .unwrap();
+        let name = |route| config.policy_for_route(route).map(RetryPolicy::name);
+        assert_eq!(name(Some("orders")), Some("orders"));
+        assert_eq!(name(Some("search")), Some("rest"));
+        assert_eq!(name(None), Some("rest"));
+        let only_orders = RetryConfig::from_json(
+            r#"{"policies": [{"name": "orders", "cluster": "c", "routes": ["orders"]}]}"#,
+        )
+        .unwrap();
+        assert!(only_orders.policy_for_route(Some("search")).is_none());
+    }
+}
