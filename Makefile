@@ -18,7 +18,7 @@ VENV := .venv
 ENVOY := $(VENV)/envoy
 WASM_TARGET := wasm32-wasip1
 # Every cdylib of the workspace, as cargo package names; each lands in dist/keel_<name>.wasm.
-MODULES := keel-rate-limit keel-empty keel-abi-probe
+MODULES := keel-rate-limit keel-circuit-breaker keel-retry keel-picker keel-discovery keel-empty keel-abi-probe
 # Crates that compile to wasm (checked by clippy for wasm32 too).
 WASM_CRATES := keel-core keel-proxy $(MODULES)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -1,0 +1,1 @@
+//! Keel circuit-breaker filter (being written).

@@ -1,0 +1,1 @@
+//! Keel discovery filter (being written).

@@ -1,0 +1,1 @@
+//! Keel picker filter (being written).

@@ -1,0 +1,1 @@
+//! Keel retry filter (being written).
