@@ -5,8 +5,10 @@
 //!   ticks, callouts, properties, metrics and logs.
 //! - [`envoy`]: starts the real Envoy from `make setup` with a config from `envoy/`.
 //! - [`upstream`]: real HTTP servers on loopback whose behaviour tests switch on command.
+//! - [`etcd`]: a real etcd (Debian's `etcd-server`) on loopback, with its JSON gateway.
 
 pub mod envoy;
+pub mod etcd;
 pub mod harness;
 pub mod upstream;
 

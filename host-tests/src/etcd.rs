@@ -1,0 +1,1 @@
+//! A real etcd on loopback for discovery tests (being written).
