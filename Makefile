@@ -21,6 +21,9 @@ WASM_TARGET := wasm32-wasip1
 MODULES := keel-rate-limit keel-circuit-breaker keel-retry keel-picker keel-discovery keel-empty keel-abi-probe
 # Crates that compile to wasm (checked by clippy for wasm32 too).
 WASM_CRATES := keel-core keel-proxy $(MODULES)
+# wasm-opt (binaryen, from make setup) shrinks the modules by about a sixth at no measured CPU
+# cost; it must be told which wasm features rustc's output uses.
+WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/[^0-9.]/, ""); print; exit}' Cargo.lock)
 
@@ -37,6 +40,7 @@ setup: $(ENVOY)
 	  command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
 	  command -v etcd >/dev/null || missing="$$missing etcd-server"; \
 	  command -v curl >/dev/null || missing="$$missing curl"; \
+	  command -v wasm-opt >/dev/null || missing="$$missing binaryen"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "setup: installing$$missing from Debian packages"; \
 	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -62,7 +66,11 @@ build:
 	@mkdir -p dist
 	@for m in $(MODULES); do \
 	  f=$$(echo $$m | tr - _); \
-	  cp target/$(WASM_TARGET)/release/$$f.wasm dist/$$f.wasm; \
+	  if command -v wasm-opt >/dev/null; then \
+	    wasm-opt -Oz $(WASM_OPT_FEATURES) target/$(WASM_TARGET)/release/$$f.wasm -o dist/$$f.wasm; \
+	  else \
+	    cp target/$(WASM_TARGET)/release/$$f.wasm dist/$$f.wasm; \
+	  fi; \
 	  printf '  dist/%-28s %7d bytes\n' $$f.wasm $$(stat -c %s dist/$$f.wasm); \
 	done
 
@@ -87,7 +95,7 @@ test: setup lint test-core test-wasm32 test-host
 
 bench: setup build
 	$(CARGO) bench -p keel-core
-	bash bench/envoy-bench.sh
+	$(PYTHON) bench/envoy_bench.py
 
 demo: setup build
 	bash examples/demo.sh

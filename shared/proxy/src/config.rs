@@ -1,8 +1,7 @@
 //! Loading a filter's configuration.
 //!
-//! The plugin configuration is JSON. It is parsed into the filter's serde structs with
-//! `serde_path_to_error`, so that type errors and unknown fields name their path, and then
-//! validated by the core into typed values. Any error is logged as one line,
+//! The plugin configuration is JSON. It is parsed into the filter's serde structs (type errors
+//! and unknown fields name their path), then validated by the core into typed values. Any error is logged as one line,
 //! `keel <filter>: <path>: <what was expected>`, and the configuration is refused.
 
 use keel_core::config::ConfigError;
@@ -10,22 +9,10 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::BufferType;
 use serde::de::DeserializeOwned;
 
-/// Parses `bytes` as the JSON of `T`; the error carries the field path.
+/// Parses `bytes` as the JSON of `T`; the error carries the field path
+/// (see [`keel_core::config::parse_json`]).
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ConfigError::new(
-            "",
-            "the plugin configuration is empty; expected a JSON object (see the filter's configuration reference)",
-        ));
-    }
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        ConfigError::new(path, e.into_inner().to_string())
-    })?;
-    de.end().map_err(|e| ConfigError::new("", e.to_string()))?;
-    Ok(value)
+    keel_core::config::parse_json(bytes)
 }
 
 /// Reads the plugin configuration of the current root context and parses it with `validate`.
@@ -75,6 +62,6 @@ mod tests {
         let e = parse::<Outer>(b"").unwrap_err();
         assert!(e.message.contains("empty"));
         let e = parse::<Outer>(b"{").unwrap_err();
-        assert!(e.message.contains("EOF"), "{e}");
+        assert!(e.message.contains("not valid JSON"), "{e}");
     }
 }

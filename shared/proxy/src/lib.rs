@@ -11,6 +11,7 @@
 //! - [`request`]: headers (as bytes: the SDK's string accessors panic on non-UTF-8 values),
 //!   properties, the route name, and request keys from the selector syntax.
 //! - [`reply`]: local replies with headers.
+//! - [`http_call`]: callouts to Envoy clusters and reading their answers safely.
 //! - [`metrics`]: counters and gauges defined once per root context.
 //! - [`routes`]: which policies apply to a route name.
 //!
@@ -19,6 +20,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod http_call;
 pub mod log;
 pub mod metrics;
 pub mod reply;

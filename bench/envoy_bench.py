@@ -1,0 +1,908 @@
+#!/usr/bin/env python3
+"""Keel's Envoy overhead benchmark: Envoy CPU time per request, as ratios against baselines
+measured in the same run.
+
+Each scenario is one Envoy (`--concurrency 1`, pinned to one core) whose only route answers with
+`direct_response`, so no upstream process competes for CPU; the HTTP filters under test still run
+before the router answers. A load generator (wrk, or h2load) pinned to the other core drives it.
+Envoy CPU per request = delta of the process's utime+stime (/proc/<pid>/stat) over the measured
+window / delta of Envoy's own `http.ingress.downstream_rq_completed` counter over that window.
+
+All scenarios' Envoys are started first, verified (one traced request shows each expected filter
+ran) and warmed up; then every round measures each scenario once, in rotated order, so that
+the machine's noise (2 shared cores) falls on all scenarios alike. Per scenario the median over
+rounds is reported, and ratios of overheads over bare Envoy: overhead(X) / overhead(empty).
+
+Adding a scenario is one entry in SCENARIOS (and its Envoy config in bench/envoy/).
+Results: bench-results/envoy.md and bench-results/envoy.json. See bench/README.md.
+Benchmarks are reported, not asserted: the exit status is 0 whatever the ratios (2 when the
+benchmark itself cannot run: no Envoy, no load generator, bare Envoy does not start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "bench" / "envoy"
+# Every request carries this header: Keel's limiter keys on it, the others ignore it, so all
+# scenarios receive byte-identical requests.
+BENCH_HEADER = ("x-api-key", "bench")
+ROUTER = "envoy.filters.http.router"
+# Features that rustc (1.87+) enables by default for wasm32 and V8 supports; wasm-opt 108 does not
+# detect them from a stripped module, so they are named.
+WASM_OPT_FEATURES = [
+    "--enable-bulk-memory",
+    "--enable-sign-ext",
+    "--enable-mutable-globals",
+    "--enable-nontrapping-float-to-int",
+    "--enable-multivalue",
+    "--enable-reference-types",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """One Envoy configuration to measure."""
+
+    name: str
+    config: str  # file in bench/envoy/
+    description: str
+    # The .wasm module the config loads (relative to the repository root), if any: a scenario
+    # whose module is missing is skipped, and `wasm_opt` variants replace its path.
+    module: Optional[str] = None
+    # Names of the HTTP filters (as in the config) that a request must pass before the router:
+    # checked once per Envoy on a traced request.
+    filters: tuple = ()
+    # Counters (matched by name suffix) that must grow by one per request in every window: the
+    # proof that the filter did its work (e.g. the limiter's `allowed` counter).
+    per_request_counters: tuple = ()
+    # Ratio reported: overhead(this) / overhead(compare_with), overheads taken over `bare`.
+    compare_with: Optional[str] = "empty"
+    # The most that ratio may be (from the issues), or None for information only.
+    target: Optional[float] = None
+    # Also measure a copy of the module passed through `wasm-opt -Oz`.
+    wasm_opt: bool = False
+
+
+# The table of scenarios. Future filters add a line here and a config in bench/envoy/, e.g.
+#   Scenario("keel-circuit-breaker", "keel-circuit-breaker.yaml", "...",
+#            module="dist/keel_circuit_breaker.wasm", filters=("keel.circuit_breaker",),
+#            target=1.15),
+#   Scenario("keel-suite", "keel-suite.yaml", "the five-filter suite module", module="dist/keel.wasm",
+#            filters=(...), target=2.0),
+SCENARIOS = [
+    Scenario(
+        "bare",
+        "bare.yaml",
+        "no HTTP filter but the router (direct_response)",
+        compare_with=None,
+    ),
+    Scenario(
+        "empty",
+        "empty.yaml",
+        "one empty wasm filter (keel_empty.wasm): the wasm floor",
+        module="dist/keel_empty.wasm",
+        filters=("keel.empty",),
+        compare_with=None,
+        wasm_opt=True,
+    ),
+    Scenario(
+        "native-local-ratelimit",
+        "native-local-ratelimit.yaml",
+        "Envoy's native local_ratelimit, 100 % enabled and enforced, never limiting",
+        filters=("envoy.filters.http.local_ratelimit",),
+        per_request_counters=("bench.http_local_rate_limit.ok",),
+    ),
+    Scenario(
+        "keel-rate-limit",
+        "keel-rate-limit.yaml",
+        "Keel's rate limiter (keel_rate_limit.wasm), keyed on x-api-key, never limiting",
+        module="dist/keel_rate_limit.wasm",
+        filters=("keel.rate_limit",),
+        per_request_counters=("rate_limit.bench.allowed",),
+        target=1.15,
+        wasm_opt=True,
+    ),
+]
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on (a tool is missing, an Envoy does not start...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: pinned, and killed with us.
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _LIBC = None
+
+
+# Run Envoy and the load generator under SCHED_FIFO (see --realtime).
+REALTIME = False
+
+
+def _child_setup(cpu: Optional[int]):
+    """Runs in the child before exec: pin it to `cpu` (as `taskset -c cpu` does), make it a
+    real-time task when asked, and have the kernel kill it if this script dies, even by SIGKILL."""
+
+    def setup():
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        if REALTIME:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        if _LIBC is not None:
+            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return setup
+
+
+def _stop(proc: subprocess.Popen):
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def find_envoy() -> str:
+    chosen = os.environ.get("KEEL_ENVOY")
+    if chosen:
+        if not os.access(chosen, os.X_OK):
+            raise BenchError(f"KEEL_ENVOY={chosen} is not an executable")
+        return chosen
+    for candidate in (str(ROOT / ".venv" / "envoy"), shutil.which("envoy")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise BenchError("no Envoy: set KEEL_ENVOY, or run `make setup` (installs .venv/envoy)")
+
+
+def clock_ticks(path: str) -> int:
+    """utime + stime in clock ticks from a /proc/.../stat file."""
+    with open(path) as f:
+        text = f.read()
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+
+
+class Envoy:
+    """One Envoy process running a scenario's config on free loopback ports."""
+
+    def __init__(self, binary: str, scenario: Scenario, config_text: str, workdir: Path, cpu: Optional[int]):
+        self.scenario = scenario
+        self.dir = workdir / scenario.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = self.dir / "envoy.yaml"
+        config.write_text(config_text)
+        self.log = self.dir / "envoy.log"
+        admin_path = self.dir / "admin-address"
+        self.cmd = [
+            binary, "-c", str(config), "--concurrency", "1", "--disable-hot-restart",
+            "--admin-address-path", str(admin_path), "-l", "warning",
+            "--log-path", str(self.log), "--file-flush-interval-msec", "100",
+        ]
+        # From the repository root, like a user running the configs by hand.
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT, preexec_fn=_child_setup(cpu),
+        )
+        try:
+            self.admin = self._wait_admin(admin_path)
+            self.listener = self._listener()
+            self.worker_stat = self._worker_stat()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _fail(self, what: str):
+        tail = ""
+        if self.log.exists():
+            tail = "\n    ".join(self.log.read_text(errors="replace").splitlines()[-8:])
+        raise BenchError(f"{self.scenario.name}: {what}\n    {tail}")
+
+    def _wait_admin(self, admin_path: Path) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._fail(f"Envoy exited with status {self.proc.returncode} at start-up")
+            if admin_path.exists() and admin_path.read_text().strip():
+                address = admin_path.read_text().strip()
+                try:
+                    if self._get(f"http://{address}/ready", timeout=2).strip() == "LIVE":
+                        return address
+                except (OSError, urllib.error.URLError):
+                    pass
+            time.sleep(0.1)
+        self._fail("Envoy not ready within 60 s")
+        return ""
+
+    @staticmethod
+    def _get(url: str, timeout: float = 5, method: str = "GET", headers: Optional[dict] = None) -> str:
+        request = urllib.request.Request(url, method=method, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read().decode()
+
+    def _listener(self) -> str:
+        listeners = json.loads(self._get(f"http://{self.admin}/listeners?format=json"))
+        for status in listeners.get("listener_statuses", []):
+            address = status.get("local_address", {}).get("socket_address", {})
+            if address.get("port_value"):
+                return f"{address['address']}:{address['port_value']}"
+        self._fail("no listener address in /listeners")
+        return ""
+
+    def _worker_stat(self) -> Optional[str]:
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            try:
+                if (task / "comm").read_text().strip() == "wrk:worker_0":
+                    return str(task / "stat")
+            except OSError:
+                continue
+        return None
+
+    def url(self) -> str:
+        return f"http://{self.listener}/"
+
+    def counters(self) -> dict:
+        values = {}
+        for line in self._get(f"http://{self.admin}/stats").splitlines():
+            name, sep, value = line.rpartition(": ")
+            if sep and value.isdigit():
+                values[name] = int(value)
+        return values
+
+    def cpu_ticks(self) -> tuple:
+        """(process utime+stime, worker thread utime+stime), in clock ticks."""
+        worker = clock_ticks(self.worker_stat) if self.worker_stat else 0
+        return clock_ticks(f"/proc/{self.proc.pid}/stat"), worker
+
+    def verify(self) -> list:
+        """Sends one request with trace logging on and checks that it was answered by the direct
+        response after passing each expected filter (and, for wasm filters, the module's
+        on_request_headers). Returns the evidence lines."""
+        self._get(f"http://{self.admin}/logging?level=trace", method="POST")
+        try:
+            body = self._get(self.url(), headers={BENCH_HEADER[0]: BENCH_HEADER[1]})
+        finally:
+            self._get(f"http://{self.admin}/logging?level=warning", method="POST")
+        if body != "ok":
+            self._fail(f"probe request answered {body!r}, expected 'ok' (direct_response)")
+        wanted = [f"decode headers called: filter={name} " for name in (*self.scenario.filters, ROUTER)]
+        if self.scenario.module:
+            wanted.append("proxy_on_request_headers return: 0")
+        deadline = time.monotonic() + 5
+        while True:
+            log = self.log.read_text(errors="replace")
+            missing = [w for w in wanted if w not in log]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if missing:
+            self._fail(f"the traced probe request did not show: {missing}")
+        return [w.strip() for w in wanted]
+
+    def stop(self):
+        _stop(self.proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load generators.
+
+
+class Load:
+    """Runs a bounded load against a URL from a pinned core; returns wrk's or h2load's count."""
+
+    def __init__(self, client: str, connections: int, cpu: Optional[int]):
+        self.client = client
+        self.connections = connections
+        self.cpu = cpu
+        binary = shutil.which(client)
+        if not binary:
+            package = "wrk" if client == "wrk" else "nghttp2-client"
+            raise BenchError(f"no {client}: `make setup` (or apt-get install {package})")
+        self.binary = binary
+
+    def command(self, url: str, seconds: int) -> list:
+        header = f"{BENCH_HEADER[0]}: {BENCH_HEADER[1]}"
+        if self.client == "wrk":
+            return [self.binary, "-t1", f"-c{self.connections}", f"-d{seconds}s", "-H", header, url]
+        return [self.binary, "--h1", "-t1", f"-c{self.connections}", "-D", str(seconds), "-H", header, url]
+
+    def run(self, url: str, seconds: int) -> dict:
+        cmd = self.command(url, seconds)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, preexec_fn=_child_setup(self.cpu),
+        )
+        try:
+            out, _ = proc.communicate(timeout=seconds + 20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise BenchError(f"{self.client} did not finish within {seconds + 20} s")
+        finally:
+            _stop(proc)
+        if proc.returncode != 0:
+            raise BenchError(f"{self.client} failed ({proc.returncode}): {out[-500:]}")
+        return self.parse(out)
+
+    def parse(self, out: str) -> dict:
+        result = {"requests": None, "errors": 0}
+        if self.client == "wrk":
+            m = re.search(r"(\d+) requests in", out)
+            result["requests"] = int(m.group(1)) if m else None
+            m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+            result["errors"] += int(m.group(1)) if m else 0
+            m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+            result["errors"] += sum(int(g) for g in m.groups()) if m else 0
+        else:
+            m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+            if m:
+                result["requests"] = int(m.group(3))
+                result["errors"] = int(m.group(5)) + int(m.group(6))
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement.
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def core_ticks(cpu: int) -> tuple:
+    """(busy, steal, total) clock ticks of one core from /proc/stat."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in line.split()[1:9])
+                busy = user + nice + system + irq + softirq
+                return busy, steal, busy + idle + iowait + steal
+    return 0, 0, 0
+
+
+def measure(envoy: Envoy, load: Load, seconds: int, envoy_core: int) -> dict:
+    """One measured window: admin reads outside the CPU window, so their cost is not counted."""
+    before = envoy.counters()
+    core0 = core_ticks(envoy_core)
+    cpu0, worker0 = envoy.cpu_ticks()
+    t0 = time.monotonic()
+    client = load.run(envoy.url(), seconds)
+    time.sleep(0.1)  # let Envoy finish closing the load's connections inside the window
+    cpu1, worker1 = envoy.cpu_ticks()
+    core1 = core_ticks(envoy_core)
+    wall = time.monotonic() - t0
+    after = envoy.counters()
+
+    def delta(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
+    completed = delta("http.ingress.downstream_rq_completed")
+    ok = delta("http.ingress.downstream_rq_2xx")
+    cpu_s = (cpu1 - cpu0) / HZ
+    # How much of Envoy's core went to other processes (and to the hypervisor) in the window:
+    # the machine's noise, which a reader needs to judge the figures.
+    core_total = max(core1[2] - core0[2], 1)
+    others_pct = max(core1[0] - core0[0] - (cpu1 - cpu0), 0) / core_total * 100
+    steal_pct = (core1[1] - core0[1]) / core_total * 100
+    worker_s = (worker1 - worker0) / HZ
+    row = {
+        "requests": completed,
+        "responses_2xx": ok,
+        "client_requests": client["requests"],
+        "client_errors": client["errors"],
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu_s, 3),
+        "worker_cpu_s": round(worker_s, 3),
+        "cpu_us_per_req": cpu_s / completed * 1e6 if completed else None,
+        "worker_us_per_req": worker_s / completed * 1e6 if completed else None,
+        "rps": completed / wall if wall else None,
+        "others_on_envoy_core_pct": round(others_pct, 1),
+        "steal_on_envoy_core_pct": round(steal_pct, 1),
+        "problems": [],
+    }
+    if completed == 0:
+        row["problems"].append("no request completed")
+    elif ok != completed:
+        row["problems"].append(f"{completed - ok} of {completed} responses not 2xx")
+    for suffix in envoy.scenario.per_request_counters:
+        names = [n for n in after if n.endswith(suffix)]
+        grown = sum(after[n] - before.get(n, 0) for n in names)
+        row.setdefault("counters", {})[suffix] = grown
+        if not names:
+            row["problems"].append(f"counter *{suffix} not found in /stats")
+        elif grown < completed:
+            row["problems"].append(f"counter *{suffix} grew by {grown}, fewer than the {completed} requests")
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios as run: the table, minus what is missing, plus the wasm-opt variants.
+
+
+@dataclasses.dataclass
+class Planned:
+    scenario: Scenario
+    config_text: str
+    module: Optional[Path]  # the module file this instance loads
+    variant_of: Optional[str] = None  # for a wasm-opt variant: the scenario it copies
+    module_bytes: Optional[int] = None
+    module_sha256: Optional[str] = None
+
+    def __post_init__(self):
+        # Read now: a wasm-opt variant lives in a temporary folder gone by report time.
+        if self.module is not None:
+            data = self.module.read_bytes()
+            self.module_bytes = len(data)
+            self.module_sha256 = hashlib.sha256(data).hexdigest()[:16]
+
+
+def local_ports(text: str, config: str) -> str:
+    """The configs listen on 10000 and serve admin on 9901 (handy by hand); the bench asks the
+    OS for free ports instead and reads them back from admin."""
+    for port in ("9901", "10000"):
+        text, count = re.subn(rf"port_value: {port}\b", "port_value: 0", text)
+        if count != 1:
+            raise BenchError(f"{config}: expected exactly one `port_value: {port}`, found {count}")
+    return text
+
+
+def wasm_opt(module: Path, out: Path) -> Optional[str]:
+    """`wasm-opt -Oz` of module into out; None when done, else why not."""
+    binary = shutil.which("wasm-opt")
+    if not binary:
+        return "no wasm-opt (apt-get install binaryen)"
+    proc = subprocess.run(
+        [binary, "-Oz", *WASM_OPT_FEATURES, str(module), "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    if proc.returncode != 0:
+        return f"wasm-opt failed: {proc.stdout[-300:]}"
+    return None
+
+
+def with_module(text: str, scenario: Scenario, module: Path) -> str:
+    """The config text loading `module` (an absolute path) where it names `scenario.module`."""
+    named = f"filename: {scenario.module}"
+    if text.count(named) != 1:
+        raise BenchError(f"{scenario.config}: expected exactly one `{named}`")
+    return text.replace(named, f"filename: {module}")
+
+
+def plan(selected: list, dist: Path, workdir: Path, with_wasm_opt: bool, notes: list) -> list:
+    planned = []
+    for scenario in selected:
+        text = local_ports((CONFIG_DIR / scenario.config).read_text(), scenario.config)
+        if scenario.module is None:
+            planned.append(Planned(scenario, text, None))
+            continue
+        module = dist / Path(scenario.module).name
+        if not module.exists():
+            why = f"{display(module)} is missing (run `make build`)"
+            notes.append(f"skipped `{scenario.name}`: {why}")
+            print(f"skip {scenario.name}: {why}", flush=True)
+            continue
+        planned.append(Planned(scenario, with_module(text, scenario, module), module))
+        if scenario.wasm_opt and with_wasm_opt:
+            out = workdir / f"{module.stem}.oz.wasm"
+            why_not = wasm_opt(module, out)
+            if why_not:
+                notes.append(f"no -Oz variant of `{scenario.name}`: {why_not}")
+                print(f"skip {scenario.name}+oz: {why_not}", flush=True)
+                continue
+            variant = dataclasses.replace(
+                scenario,
+                name=f"{scenario.name}+oz",
+                description=f"{scenario.name} with its module through `wasm-opt -Oz`",
+                target=None,
+                wasm_opt=False,
+            )
+            planned.append(Planned(variant, with_module(text, scenario, out), out, scenario.name))
+    return planned
+
+
+def display(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def machine_facts(envoy_binary: str, load: Load) -> dict:
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    version = subprocess.run([envoy_binary, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30).stdout
+    m = re.search(r"version: \S+/(\d+\.\d+\.\d+)/", version)
+    client = subprocess.run([load.binary, "--version" if load.client == "h2load" else "-v"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30).stdout
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "kernel": platform.release(),
+        "envoy_version": m.group(1) if m else version.strip()[:120],
+        "load_client": client.splitlines()[0].split(" Copyright")[0].strip() if client else load.client,
+        "git": commit or "unknown",
+        "clock_ticks_per_s": HZ,
+    }
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def fmt(value, digits=1, suffix="") -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def summarize(planned: list, rounds: list) -> dict:
+    """Medians, spreads, overheads and ratios per scenario."""
+    names = [p.scenario.name for p in planned]
+    per = {name: [r[name] for r in rounds if name in r] for name in names}
+
+    def median_of(name, key):
+        values = [row[key] for row in per.get(name, []) if row[key] is not None]
+        return statistics.median(values) if values else None
+
+    med = {name: median_of(name, "cpu_us_per_req") for name in names}
+    bare = med.get("bare")
+    summary = {}
+    for p in planned:
+        s = p.scenario
+        values = [row["cpu_us_per_req"] for row in per[s.name] if row["cpu_us_per_req"] is not None]
+        overhead = med[s.name] - bare if med[s.name] is not None and bare is not None else None
+        base_name = s.compare_with
+        if p.variant_of:
+            base_name = next((q.scenario.compare_with for q in planned if q.scenario.name == p.variant_of), None)
+        base_over = med.get(base_name) - bare if base_name and med.get(base_name) is not None and bare is not None else None
+        # A baseline whose overhead is not above bare Envoy's (noise) gives no meaningful ratio.
+        ratio = overhead / base_over if overhead is not None and base_over is not None and base_over > 0 else None
+        # The same ratio within each round (the scenarios of a round ran seconds apart): its range
+        # shows how much the ratio itself moves with the machine's noise.
+        round_ratios = []
+        for r in rounds:
+            if base_name and all(n in r and r[n]["cpu_us_per_req"] for n in (s.name, base_name, "bare")):
+                b = r["bare"]["cpu_us_per_req"]
+                den = r[base_name]["cpu_us_per_req"] - b
+                if den > 0:
+                    round_ratios.append((r[s.name]["cpu_us_per_req"] - b) / den)
+        verdict = None
+        if s.target is not None and ratio is not None:
+            verdict = "PASS" if ratio <= s.target else "FAIL"
+        summary[s.name] = {
+            "description": s.description,
+            "module": (display(p.module) if not p.variant_of else p.module.name) if p.module else None,
+            "module_bytes": p.module_bytes,
+            "module_sha256": p.module_sha256,
+            "rounds": len(values),
+            "cpu_us_per_req_median": med[s.name],
+            "cpu_us_per_req_min": min(values) if values else None,
+            "cpu_us_per_req_max": max(values) if values else None,
+            "spread_pct": (max(values) - min(values)) / med[s.name] * 100 if values and med[s.name] else None,
+            "worker_us_per_req_median": median_of(s.name, "worker_us_per_req"),
+            "rps_median": median_of(s.name, "rps"),
+            "others_on_envoy_core_pct_median": median_of(s.name, "others_on_envoy_core_pct"),
+            "overhead_us": overhead,
+            "compare_with": base_name,
+            "ratio": ratio,
+            "round_ratio_median": statistics.median(round_ratios) if round_ratios else None,
+            "round_ratio_min": min(round_ratios) if round_ratios else None,
+            "round_ratio_max": max(round_ratios) if round_ratios else None,
+            "target": s.target,
+            "verdict": verdict,
+            "variant_of": p.variant_of,
+            "per_request_counters": list(s.per_request_counters),
+            "problems": sorted({msg for row in per[s.name] for msg in row["problems"]}),
+        }
+    return summary
+
+
+# Above this share of Envoy's core taken by other processes, the report warns that the figures
+# are unreliable (seen here: with compilers running, per-round figures move by 20-80 %).
+BUSY_WARN_PCT = 10.0
+
+
+def markdown(meta: dict, summary: dict, notes: list) -> str:
+    m = meta["machine"]
+    lines = [
+        "# Envoy overhead benchmark",
+        "",
+        "Envoy CPU time per request (utime+stime of the Envoy process / requests it completed),",
+        "`--concurrency 1` pinned to one core, the load generator on the other, every route answered",
+        "by `direct_response`. Overhead = median(X) − median(bare); ratio = overhead(X) /",
+        "overhead(baseline). Only the ratios of one run compare; see bench/README.md.",
+        "",
+    ]
+    if meta["quick"]:
+        lines += ["**Quick mode (smoke run): too short to judge a ratio.**", ""]
+    busy = meta.get("others_on_envoy_core_pct_median")
+    if busy is not None and busy > BUSY_WARN_PCT:
+        lines += [
+            f"**⚠ The machine was busy: other processes took a median {busy:.0f} % of Envoy's core during"
+            " the measured windows. The figures below are unreliable; rerun when the machine is quieter,"
+            " with more rounds, or with `--realtime` (see bench/README.md).**",
+            "",
+        ]
+    lines += [
+        f"- Command: `{meta['command']}`",
+        f"- Date: {meta['date']}",
+        f"- Machine: {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}; load average {meta['loadavg_start']} at start, {meta['loadavg_end']} at end;"
+        f" other processes took a median {fmt(busy, 0, ' %')} of Envoy's core in the windows (steal {fmt(meta.get('steal_on_envoy_core_pct_median'), 1, ' %')})",
+        f"- Envoy {m['envoy_version']} on core {meta['envoy_cpu']}; {m['load_client']} on core {meta['load_cpu']}, {meta['connections']} connections; tree {m['git']}",
+        f"- {meta['rounds']} interleaved rounds × {meta['seconds']} s per scenario after {meta['warmup']} s warm-up; clock ticks {m['clock_ticks_per_s']}/s"
+        + ("; Envoy and the load generator ran as SCHED_FIFO tasks (`--realtime`)" if meta["realtime"] else ""),
+        "",
+        "| scenario | CPU µs/req (median) | min–max over rounds (spread) | overhead over bare, µs | ratio | ratio within rounds: median (min–max) | target | result |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, s in summary.items():
+        ratio = "—"
+        if s["ratio"] is not None:
+            ratio = f"{s['ratio']:.2f}× {s['compare_with']}"
+        elif s["compare_with"] and s["compare_with"] in summary and summary[s["compare_with"]]["overhead_us"] is not None:
+            ratio = f"n/a ({s['compare_with']} not above bare in this run)"
+        elif s["compare_with"]:
+            ratio = f"n/a ({s['compare_with']} not measured)"
+        in_rounds = "—"
+        if s["round_ratio_min"] is not None:
+            in_rounds = f"{s['round_ratio_median']:.2f} ({s['round_ratio_min']:.2f}–{s['round_ratio_max']:.2f})"
+        result = s["verdict"] or ("n/a" if s["target"] is not None else "—")
+        if s["verdict"] and s["round_ratio_min"] is not None and s["round_ratio_min"] <= s["target"] < s["round_ratio_max"]:
+            result += " (rounds straddle the target)"
+        if s["problems"]:
+            result += " ⚠ " + "; ".join(s["problems"])
+        lines.append(
+            f"| `{name}` | {fmt(s['cpu_us_per_req_median'])} | {fmt(s['cpu_us_per_req_min'])}–{fmt(s['cpu_us_per_req_max'])} ({fmt(s['spread_pct'], 0, ' %')})"
+            f" | {fmt(s['overhead_us'], 1) if name != 'bare' else '—'} | {ratio} | {in_rounds}"
+            f" | {'≤ %.2f×' % s['target'] if s['target'] is not None else '—'} | {result} |"
+        )
+    lines += [
+        "",
+        "| scenario | description | worker thread µs/req | req/s | others on Envoy's core |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, s in summary.items():
+        description = s["description"] + (f" (`{s['module']}`, {s['module_bytes']} bytes)" if s["module"] else "")
+        lines.append(
+            f"| `{name}` | {description} | {fmt(s['worker_us_per_req_median'])} | {fmt(s['rps_median'], 0)}"
+            f" | {fmt(s['others_on_envoy_core_pct_median'], 0, ' %')} |"
+        )
+    variants = [(n, s) for n, s in summary.items() if s["variant_of"]]
+    if variants:
+        lines += [
+            "",
+            "## `wasm-opt -Oz` (binaryen)",
+            "",
+            "| module | bytes | -Oz bytes | CPU µs/req | -Oz CPU µs/req | overhead over bare, µs | -Oz overhead, µs |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, v in variants:
+            o = summary[v["variant_of"]]
+            lines.append(
+                f"| `{o['module']}` | {o['module_bytes']} | {v['module_bytes']} | {fmt(o['cpu_us_per_req_median'])} | {fmt(v['cpu_us_per_req_median'])}"
+                f" | {fmt(o['overhead_us'])} | {fmt(v['overhead_us'])} |"
+            )
+    lines += ["", "## Checks", ""]
+    for name, evidence in meta["verified"].items():
+        lines.append(f"- `{name}`: a traced request passed " + ", ".join(f"`{e}`" for e in evidence))
+    for name, s in summary.items():
+        for suffix in s["per_request_counters"]:
+            if s["problems"]:
+                lines.append(f"- `{name}`: counter `*{suffix}`: see ⚠ above")
+            else:
+                lines.append(f"- `{name}`: counter `*{suffix}` grew by at least one per completed request in every window")
+    for note in notes:
+        lines.append(f"- {note}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main.
+
+
+def parse_args(argv):
+    env_rounds = os.environ.get("KEEL_BENCH_ROUNDS", "")
+    env_seconds = os.environ.get("KEEL_BENCH_SECONDS", "")
+    if not all(v.isdigit() for v in (env_rounds, env_seconds) if v):
+        raise BenchError("KEEL_BENCH_ROUNDS and KEEL_BENCH_SECONDS must be whole numbers")
+    p = argparse.ArgumentParser(
+        description="Keel's Envoy overhead benchmark: Envoy CPU per request, as ratios against bare Envoy and an empty wasm filter measured in the same run.",
+    )
+    p.add_argument("--rounds", type=int, default=int(env_rounds) if env_rounds else None, help="interleaved rounds (default 3, env KEEL_BENCH_ROUNDS)")
+    p.add_argument("--seconds", type=int, default=int(env_seconds) if env_seconds else None, help="seconds per measured window (default 5, env KEEL_BENCH_SECONDS)")
+    p.add_argument("--warmup", type=int, default=None, help="seconds of warm-up load per Envoy before the rounds (default 2)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 1 s, 1 s warm-up")
+    p.add_argument("--scenarios", help="comma-separated subset (bare and the baselines are added); default: all")
+    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    p.add_argument("--no-wasm-opt", action="store_true", help="skip the `wasm-opt -Oz` variants")
+    p.add_argument("--client", choices=("wrk", "h2load"), default="wrk", help="load generator (HTTP/1.1 either way; default wrk)")
+    p.add_argument("--connections", type=int, default=32, help="load connections (default 32)")
+    p.add_argument("--envoy-cpu", type=int, default=0, help="core Envoy is pinned to (default 0)")
+    p.add_argument("--load-cpu", type=int, default=1, help="core the load generator is pinned to (default 1)")
+    p.add_argument("--realtime", action="store_true", help="run Envoy and the load generator as SCHED_FIFO tasks (root): other work on the machine barely runs during the windows")
+    p.add_argument("--dist", type=Path, default=ROOT / "dist", help="folder of the .wasm modules (default dist/)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench-results", help="results folder (default bench-results/)")
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.seconds = args.seconds or (1 if args.quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if args.rounds < 1 or args.seconds < 1 or args.warmup < 0:
+        p.error("--rounds and --seconds must be at least 1, --warmup at least 0")
+    return args
+
+
+def select(names: Optional[str]) -> list:
+    if not names:
+        return list(SCENARIOS)
+    by_name = {s.name: s for s in SCENARIOS}
+    wanted = {"bare"}
+    for name in names.split(","):
+        name = name.strip()
+        if name not in by_name:
+            raise BenchError(f"unknown scenario {name!r}; known: {', '.join(by_name)}")
+        wanted.add(name)
+        if by_name[name].compare_with:
+            wanted.add(by_name[name].compare_with)
+    return [s for s in SCENARIOS if s.name in wanted]
+
+
+def run(args) -> int:
+    global REALTIME
+    REALTIME = args.realtime
+    if REALTIME:
+        try:
+            subprocess.run(["true"], preexec_fn=_child_setup(None), check=True)
+        except (subprocess.SubprocessError, OSError) as e:
+            raise BenchError(f"--realtime: cannot make a SCHED_FIFO task here (needs root): {e}")
+    if args.list:
+        for s in SCENARIOS:
+            print(f"{s.name:28} {s.config:32} {s.description}")
+        return 0
+    envoy_binary = find_envoy()
+    load = Load(args.client, args.connections, args.load_cpu)
+    cores = sorted(os.sched_getaffinity(0))
+    if args.envoy_cpu not in cores or args.load_cpu not in cores or args.envoy_cpu == args.load_cpu:
+        raise BenchError(f"need two distinct usable cores for --envoy-cpu/--load-cpu; usable: {cores}")
+    # The script itself (admin reads, parsing) stays off Envoy's core.
+    os.sched_setaffinity(0, {args.load_cpu})
+    command = "python3 bench/envoy_bench.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
+    for var in ("KEEL_BENCH_SECONDS", "KEEL_BENCH_ROUNDS", "KEEL_ENVOY"):
+        if os.environ.get(var):
+            command = f"{var}={shlex.quote(os.environ[var])} {command}"
+    meta = {
+        "command": command,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "warmup": args.warmup,
+        "connections": args.connections,
+        "envoy": envoy_binary,
+        "envoy_cpu": args.envoy_cpu,
+        "load_cpu": args.load_cpu,
+        "realtime": args.realtime,
+        "machine": machine_facts(envoy_binary, load),
+        "loadavg_start": loadavg(),
+        "verified": {},
+    }
+    notes = []
+    envoys = {}
+    with tempfile.TemporaryDirectory(prefix="keel-envoy-bench-") as tmp:
+        workdir = Path(tmp)
+        planned = plan(select(args.scenarios), args.dist.resolve(), workdir, not args.no_wasm_opt, notes)
+        names = [p.scenario.name for p in planned]
+        total = len(planned) * (args.warmup + args.rounds * (args.seconds + 0.5))
+        print(f"envoy bench: {len(planned)} scenarios ({', '.join(names)}), {args.rounds} rounds × {args.seconds} s, about {total / 60:.1f} min", flush=True)
+        try:
+            for p in planned:
+                name = p.scenario.name
+                print(f"start {name}: {p.scenario.config}" + (f" with {p.module.name}" if p.module else ""), flush=True)
+                try:
+                    envoys[name] = Envoy(envoy_binary, p.scenario, p.config_text, workdir, args.envoy_cpu)
+                    meta["verified"][name] = envoys[name].verify()
+                except BenchError as e:
+                    if name == "bare":
+                        raise
+                    print(f"skip {name}: {e}", flush=True)
+                    notes.append(f"skipped `{name}`: {str(e).splitlines()[0]}")
+                    if name in envoys:
+                        envoys.pop(name).stop()
+            planned = [p for p in planned if p.scenario.name in envoys]
+            for p in planned:
+                if args.warmup:
+                    print(f"warm up {p.scenario.name} ({args.warmup} s)", flush=True)
+                    load.run(envoys[p.scenario.name].url(), args.warmup)
+            rounds = []
+            for r in range(args.rounds):
+                shift = r % len(planned)
+                order = planned[shift:] + planned[:shift]
+                results = {}
+                for i, p in enumerate(order, 1):
+                    name = p.scenario.name
+                    print(f"round {r + 1}/{args.rounds} [{i}/{len(order)}] {name:28} ", end="", flush=True)
+                    row = measure(envoys[name], load, args.seconds, args.envoy_cpu)
+                    results[name] = row
+                    print(
+                        f"{fmt(row['cpu_us_per_req'])} µs/req ({row['requests']} requests, {fmt(row['rps'], 0)} req/s,"
+                        f" others {row['others_on_envoy_core_pct']:.0f} % of Envoy's core)"
+                        + ("  ⚠ " + "; ".join(row["problems"]) if row["problems"] else ""),
+                        flush=True,
+                    )
+                rounds.append(results)
+        finally:
+            for envoy in envoys.values():
+                envoy.stop()
+    meta["loadavg_end"] = loadavg()
+    windows = [row for r in rounds for row in r.values()]
+    for key in ("others_on_envoy_core_pct", "steal_on_envoy_core_pct"):
+        meta[f"{key}_median"] = statistics.median(row[key] for row in windows) if windows else None
+    summary = summarize(planned, rounds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "envoy.json").write_text(json.dumps({"meta": meta, "notes": notes, "summary": summary, "rounds": rounds}, indent=2, ensure_ascii=False) + "\n")
+    report = markdown(meta, summary, notes)
+    (args.out / "envoy.md").write_text(report)
+    print()
+    print(report)
+    print(f"wrote {args.out / 'envoy.md'} and {args.out / 'envoy.json'}")
+    return 0
+
+
+def _interrupt(signum, frame):
+    # SIGTERM ends the run as Ctrl-C does: through the `finally` that stops every Envoy.
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    # Also SIGINT explicitly: a shell starts background jobs with it ignored, and `kill -INT`
+    # must still stop the run cleanly.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run(parse_args(sys.argv[1:] if argv is None else argv))
+    except BenchError as e:
+        print(f"envoy bench: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nenvoy bench: interrupted; every Envoy stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
