@@ -1,0 +1,1000 @@
+//! The picker filter's configuration: serde structs that mirror the JSON, then validation into
+//! [`FilterConfig`] with errors that name the field path.
+//!
+//! ```json
+//! {"pickers": [{"name": "users", "key": "header:x-user", "algorithm": "ring",
+//!               "endpoints": [{"address": "127.0.0.1:18091"}, {"address": "127.0.0.1:18092"}]}]}
+//! ```
+//!
+//! Per picker:
+//!
+//! | field | meaning | default |
+//! |---|---|---|
+//! | `name` | unique; names metrics and the shared-data key `keel/picker/<name>/in_flight` | required |
+//! | `key` | a selector or a list of selectors that combine ([`super::KeyHash`]) | required for `ring`, `maglev`; refused otherwise |
+//! | `algorithm` | `ring`, `maglev`, `round_robin`, `weighted`, `least_request` | required |
+//! | `endpoints` | `[{"address": "ip:port", "weight": 1, "priority": 0, "cluster": "..."}]` | exactly one of `endpoints`, `service` |
+//! | `service` | take the endpoint set the discovery filter publishes for this service | |
+//! | `routes` | Envoy route names the picker applies to | all routes |
+//! | `ring_size` | ring points per unit of weight (`ring` only; at most 1,048,576 points in all; see [`super::ring`]) | 512 |
+//! | `table_size` | Maglev table size, a prime (`maglev` only) | 65537 |
+//! | `balance_factor` | bounded loads, e.g. 1.25 (`ring`, `maglev` only) | off |
+//! | `panic_threshold` | healthy fraction under which a level uses all its endpoints | 0.5 |
+//! | `mode` | `original_dst` (set `header` to the address) or `cluster_header` | `original_dst` |
+//! | `header` | the header set in `original_dst` mode | `x-envoy-original-dst-host` |
+//! | `cluster_header` | the header set to the endpoint's cluster name in `cluster_header` mode | required there |
+//! | `cookie` | `{"name": "sid", "ttl": "1h"}`: when the key's cookie is absent, generate one and set it | off |
+//!
+//! An endpoint's `cluster` (only in `cluster_header` mode) names the Envoy cluster serving it;
+//! it defaults to the address, so a cluster named `"127.0.0.1:18091"` serves that endpoint.
+//! Endpoint addresses are IP addresses with a port: endpoints come from configuration and from
+//! registries, and neither the picker nor Envoy's `ORIGINAL_DST` cluster resolves names.
+
+use alloc::borrow::ToOwned;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+use core::net::SocketAddr;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::bounded::BalanceFactor;
+use super::maglev::{TableSize, MAX_TABLE_SIZE};
+use super::picker::{Algorithm, Picker, PickerOptions};
+use super::ring::{RingParams, MAX_POINTS_PER_WEIGHT};
+use super::select::PanicThreshold;
+use super::{Endpoint, KeyHash};
+use crate::config::{check_names, parse_duration, ConfigError, FieldPath, Selector};
+use crate::rand::Rng;
+use crate::time::Duration;
+
+/// The header Envoy's `ORIGINAL_DST` cluster reads (with `use_http_header: true`).
+pub const DEFAULT_HEADER: &str = "x-envoy-original-dst-host";
+
+/// The filter's JSON: `{"pickers": [...]}`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FilterSpec {
+    /// The pickers, each applying to its routes.
+    pub pickers: Vec<PickerSpec>,
+}
+
+/// One picker as written in JSON; see the module docs for the fields.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PickerSpec {
+    /// Unique name.
+    pub name: String,
+    /// One selector or several.
+    #[serde(default)]
+    pub key: Option<KeySpec>,
+    /// The algorithm.
+    pub algorithm: AlgorithmName,
+    /// Static endpoints.
+    #[serde(default)]
+    pub endpoints: Option<Vec<EndpointSpec>>,
+    /// A service published by the discovery filter.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Envoy route names.
+    #[serde(default)]
+    pub routes: Option<Vec<String>>,
+    /// Ring points per unit of weight.
+    #[serde(default)]
+    pub ring_size: Option<u32>,
+    /// Maglev table size.
+    #[serde(default)]
+    pub table_size: Option<u32>,
+    /// Bounded-load factor.
+    #[serde(default)]
+    pub balance_factor: Option<f64>,
+    /// Panic threshold, a fraction.
+    #[serde(default)]
+    pub panic_threshold: Option<f64>,
+    /// Header set in `original_dst` mode.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// How the pick reaches Envoy.
+    #[serde(default)]
+    pub mode: Option<ModeName>,
+    /// Header set in `cluster_header` mode.
+    #[serde(default)]
+    pub cluster_header: Option<String>,
+    /// Sticky cookie generation.
+    #[serde(default)]
+    pub cookie: Option<CookieSpec>,
+}
+
+/// `"header:x-user"` or `["header:x-user", "cookie:sid"]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySpec(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for KeySpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = KeySpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key selector such as \"header:x-user\", or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<KeySpec, E> {
+                Ok(KeySpec(alloc::vec![v.to_owned()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<KeySpec, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(part) = seq.next_element::<String>()? {
+                    parts.push(part);
+                }
+                Ok(KeySpec(parts))
+            }
+        }
+        deserializer.deserialize_any(KeyVisitor)
+    }
+}
+
+/// The algorithm names of the JSON.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AlgorithmName {
+    /// `"ring"`
+    Ring,
+    /// `"maglev"`
+    Maglev,
+    /// `"round_robin"`
+    RoundRobin,
+    /// `"weighted"`
+    Weighted,
+    /// `"least_request"`
+    LeastRequest,
+}
+
+impl AlgorithmName {
+    fn as_str(self) -> &'static str {
+        match self {
+            AlgorithmName::Ring => "ring",
+            AlgorithmName::Maglev => "maglev",
+            AlgorithmName::RoundRobin => "round_robin",
+            AlgorithmName::Weighted => "weighted",
+            AlgorithmName::LeastRequest => "least_request",
+        }
+    }
+}
+
+/// The mode names of the JSON.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModeName {
+    /// `"original_dst"`
+    OriginalDst,
+    /// `"cluster_header"`
+    ClusterHeader,
+}
+
+/// One static endpoint as written in JSON.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// `"ip:port"` or `"[ipv6]:port"`.
+    pub address: String,
+    /// Relative share, more than 0; default 1.
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Priority level; default 0.
+    #[serde(default)]
+    pub priority: Option<u8>,
+    /// The Envoy cluster serving it, in `cluster_header` mode; default the address.
+    #[serde(default)]
+    pub cluster: Option<String>,
+}
+
+/// `{"name": "sid", "ttl": "1h"}`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CookieSpec {
+    /// The cookie's name: one of the key's `cookie:` selectors.
+    pub name: String,
+    /// Its lifetime, a duration; `"0s"` makes a session cookie.
+    pub ttl: String,
+}
+
+/// The validated filter configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FilterConfig {
+    /// The pickers in configuration order.
+    pub pickers: Vec<PickerConfig>,
+}
+
+/// Where a picker's endpoints come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointSource {
+    /// Listed in the configuration.
+    Static(Vec<Endpoint>),
+    /// Published by the discovery filter under this service name.
+    Service(String),
+}
+
+/// How the glue hands the pick to Envoy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Set `header` to the endpoint's address, for a cluster of type `ORIGINAL_DST`.
+    OriginalDst {
+        /// The header name, lower case.
+        header: String,
+    },
+    /// Set `header` to the name of the cluster serving the endpoint, for a route with
+    /// `cluster_header`.
+    ClusterHeader {
+        /// The header name, lower case.
+        header: String,
+        /// `(address, cluster)` for static endpoints with a `cluster`; others use the address.
+        clusters: Vec<(String, String)>,
+    },
+}
+
+impl Target {
+    /// The header to set.
+    pub fn header(&self) -> &str {
+        match self {
+            Target::OriginalDst { header } | Target::ClusterHeader { header, .. } => header,
+        }
+    }
+
+    /// The header's value for `endpoint`.
+    pub fn value<'a>(&'a self, endpoint: &'a Endpoint) -> &'a str {
+        match self {
+            Target::OriginalDst { .. } => &endpoint.address,
+            Target::ClusterHeader { clusters, .. } => clusters
+                .iter()
+                .find(|(a, _)| *a == endpoint.address)
+                .map_or(endpoint.address.as_str(), |(_, c)| c.as_str()),
+        }
+    }
+}
+
+/// A cookie generated for clients that do not send the key's cookie yet, as Envoy's cookie hash
+/// policy with a TTL does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StickyCookie {
+    /// The cookie's name.
+    pub name: String,
+    /// Its lifetime; zero means a session cookie.
+    pub ttl: Duration,
+}
+
+impl StickyCookie {
+    /// A fresh value: 16 hex digits from `rng` (random rather than derived from the client
+    /// address, so clients behind one NAT still spread).
+    pub fn generate(&self, rng: &mut impl Rng) -> String {
+        format!("{:016x}", rng.next_u64())
+    }
+
+    /// The `set-cookie` response header value that stores `value`.
+    pub fn set_cookie(&self, value: &str) -> String {
+        if self.ttl.is_zero() {
+            format!("{}={value}; Path=/; HttpOnly", self.name)
+        } else {
+            format!(
+                "{}={value}; Max-Age={}; Path=/; HttpOnly",
+                self.name,
+                self.ttl.as_secs_ceil()
+            )
+        }
+    }
+}
+
+/// What [`PickerConfig::request_key`] found in a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestKey {
+    /// The key hash; `None` when no selector had a value (the pick is then random).
+    pub hash: Option<u64>,
+    /// A `set-cookie` response header value when a sticky cookie was generated.
+    pub set_cookie: Option<String>,
+}
+
+/// One validated picker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PickerConfig {
+    /// Unique name.
+    pub name: String,
+    /// The key's selectors, combined in order; empty for balancers.
+    pub key: Vec<Selector>,
+    /// The algorithm with its parameters.
+    pub algorithm: Algorithm,
+    /// Panic threshold and bounded loads.
+    pub options: PickerOptions,
+    /// Where the endpoints come from.
+    pub source: EndpointSource,
+    /// Route names, `None` for all routes.
+    pub routes: Option<Vec<String>>,
+    /// How the pick reaches Envoy.
+    pub target: Target,
+    /// Sticky cookie generation, if configured.
+    pub cookie: Option<StickyCookie>,
+}
+
+impl PickerConfig {
+    /// A picker over `endpoints` (for a `service` source, the set discovery published).
+    pub fn picker(&self, endpoints: &[Endpoint]) -> Picker {
+        Picker::new(self.algorithm, self.options, endpoints)
+    }
+
+    /// The picker over the static endpoints, `None` for a `service` source.
+    pub fn static_picker(&self) -> Option<Picker> {
+        match &self.source {
+            EndpointSource::Static(endpoints) => Some(self.picker(endpoints)),
+            EndpointSource::Service(_) => None,
+        }
+    }
+
+    /// The key hash of a request: `read` gives the value of each selector in the request (or
+    /// `None` when absent), and the parts combine as [`KeyHash`] does. When the sticky cookie's
+    /// selector is absent, a fresh cookie value stands in for it and comes back as the
+    /// `set-cookie` value to add to the response, so the client's next requests carry it.
+    pub fn request_key(
+        &self,
+        mut read: impl FnMut(&Selector) -> Option<String>,
+        rng: &mut impl Rng,
+    ) -> RequestKey {
+        let mut key = KeyHash::new();
+        let mut set_cookie = None;
+        for selector in &self.key {
+            if let Some(value) = read(selector) {
+                key.add(Some(value.as_bytes()));
+                continue;
+            }
+            if let (Selector::Cookie(name), Some(cookie)) = (selector, &self.cookie) {
+                if *name == cookie.name {
+                    let value = cookie.generate(rng);
+                    key.add(Some(value.as_bytes()));
+                    set_cookie = Some(cookie.set_cookie(&value));
+                }
+            }
+        }
+        RequestKey {
+            hash: key.finish(),
+            set_cookie,
+        }
+    }
+
+    /// The shared-data key of this picker's in-flight counts ([`super::bounded`]).
+    pub fn in_flight_key(&self) -> String {
+        format!("keel/picker/{}/in_flight", self.name)
+    }
+}
+
+impl TryFrom<&FilterSpec> for FilterConfig {
+    type Error = ConfigError;
+    fn try_from(spec: &FilterSpec) -> Result<Self, ConfigError> {
+        validate(spec)
+    }
+}
+
+/// Validates the filter's JSON structs.
+pub fn validate(spec: &FilterSpec) -> Result<FilterConfig, ConfigError> {
+    let path = FieldPath::root().field("pickers");
+    if spec.pickers.is_empty() {
+        return Err(path.error("needs at least one picker"));
+    }
+    check_names(&path, "name", spec.pickers.iter().map(|p| p.name.as_str()))?;
+    let pickers = spec
+        .pickers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| validate_picker(&path.index(i), p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(FilterConfig { pickers })
+}
+
+/// Parses JSON text and validates it (type errors carry serde's message without a path; the
+/// glue parses with `keel_proxy::config::parse` for paths, then calls [`validate`]).
+pub fn from_json(text: &str) -> Result<FilterConfig, ConfigError> {
+    let spec: FilterSpec =
+        serde_json::from_str(text).map_err(|e| ConfigError::new("", e.to_string()))?;
+    validate(&spec)
+}
+
+fn validate_picker(path: &FieldPath, spec: &PickerSpec) -> Result<PickerConfig, ConfigError> {
+    let algorithm_name = spec.algorithm;
+    let hashing = matches!(algorithm_name, AlgorithmName::Ring | AlgorithmName::Maglev);
+    let only_for = |field: &str, what: &str| {
+        path.field(field).error(format!(
+            "applies to {what} only, not to algorithm \"{}\"",
+            algorithm_name.as_str()
+        ))
+    };
+
+    let key = match (&spec.key, hashing) {
+        (None, true) => {
+            return Err(path.field("key").error(format!(
+                "algorithm \"{}\" needs a key, e.g. \"header:x-user\" or [\"header:x-user\", \
+                 \"cookie:sid\"]",
+                algorithm_name.as_str()
+            )))
+        }
+        (Some(_), false) => {
+            return Err(only_for(
+                "key",
+                "the hashing algorithms \"ring\" and \"maglev\"",
+            ))
+        }
+        (None, false) => Vec::new(),
+        (Some(KeySpec(parts)), true) => validate_key(&path.field("key"), parts)?,
+    };
+
+    let algorithm = match algorithm_name {
+        AlgorithmName::Ring => {
+            let mut params = RingParams::default();
+            if let Some(size) = spec.ring_size {
+                if size == 0 || size > MAX_POINTS_PER_WEIGHT {
+                    return Err(path.field("ring_size").error(format!(
+                        "ring points per unit of weight must be 1 to {MAX_POINTS_PER_WEIGHT}, \
+                         got {size}"
+                    )));
+                }
+                params.points_per_weight = size;
+            }
+            Algorithm::Ring(params)
+        }
+        AlgorithmName::Maglev => {
+            let size = match spec.table_size {
+                None => TableSize::default(),
+                Some(n) => TableSize::new(n).ok_or_else(|| {
+                    path.field("table_size").error(format!(
+                        "must be a prime number from 3 to {MAX_TABLE_SIZE} (e.g. 65537), got {n}"
+                    ))
+                })?,
+            };
+            Algorithm::Maglev(size)
+        }
+        AlgorithmName::RoundRobin => Algorithm::RoundRobin,
+        AlgorithmName::Weighted => Algorithm::Weighted,
+        AlgorithmName::LeastRequest => Algorithm::LeastRequest,
+    };
+    if spec.ring_size.is_some() && algorithm_name != AlgorithmName::Ring {
+        return Err(only_for("ring_size", "algorithm \"ring\""));
+    }
+    if spec.table_size.is_some() && algorithm_name != AlgorithmName::Maglev {
+        return Err(only_for("table_size", "algorithm \"maglev\""));
+    }
+
+    let balance_factor = match spec.balance_factor {
+        None => None,
+        Some(_) if !hashing => {
+            return Err(only_for(
+                "balance_factor",
+                "the hashing algorithms \"ring\" and \"maglev\"",
+            ))
+        }
+        Some(f) => Some(BalanceFactor::new(f).ok_or_else(|| {
+            path.field("balance_factor").error(format!(
+                "must be from 1.0 to 100.0 (1.25: no endpoint over 125 % of the average), got {f}"
+            ))
+        })?),
+    };
+    let panic_threshold = match spec.panic_threshold {
+        None => PanicThreshold::default(),
+        Some(t) => PanicThreshold::new(t).ok_or_else(|| {
+            path.field("panic_threshold").error(format!(
+                "must be a fraction from 0 to 1 (0 turns panic off), got {t}"
+            ))
+        })?,
+    };
+
+    let mode = spec.mode.unwrap_or(ModeName::OriginalDst);
+    let source = match (&spec.endpoints, &spec.service) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(path.error("needs exactly one of \"endpoints\" and \"service\""))
+        }
+        (None, Some(service)) => {
+            EndpointSource::Service(validate_service(&path.field("service"), service)?)
+        }
+        (Some(list), None) => {
+            EndpointSource::Static(validate_endpoints(&path.field("endpoints"), list, mode)?)
+        }
+    };
+    if let (Algorithm::Maglev(size), EndpointSource::Static(list)) = (&algorithm, &source) {
+        if (size.get() as usize) < list.len() {
+            return Err(path.field("table_size").error(format!(
+                "{} entries cannot hold {} endpoints; use a prime over 100 × endpoints",
+                size.get(),
+                list.len()
+            )));
+        }
+    }
+
+    let target = match mode {
+        ModeName::OriginalDst => {
+            if spec.cluster_header.is_some() {
+                return Err(path
+                    .field("cluster_header")
+                    .error("applies to mode \"cluster_header\" only"));
+            }
+            let header = match &spec.header {
+                None => DEFAULT_HEADER.to_string(),
+                Some(h) => validate_header(&path.field("header"), h)?,
+            };
+            Target::OriginalDst { header }
+        }
+        ModeName::ClusterHeader => {
+            if spec.header.is_some() {
+                return Err(path.field("header").error(
+                    "applies to mode \"original_dst\" only; use \"cluster_header\" to name the \
+                     header in this mode",
+                ));
+            }
+            let header =
+                match &spec.cluster_header {
+                    None => return Err(path.field("cluster_header").error(
+                        "mode \"cluster_header\" needs the header that carries the cluster name, \
+                         e.g. \"x-keel-cluster\"",
+                    )),
+                    Some(h) => validate_header(&path.field("cluster_header"), h)?,
+                };
+            let clusters = spec
+                .endpoints
+                .iter()
+                .flatten()
+                .filter_map(|e| Some((e.address.clone(), e.cluster.clone()?)))
+                .collect();
+            Target::ClusterHeader { header, clusters }
+        }
+    };
+
+    let cookie = match &spec.cookie {
+        None => None,
+        Some(c) => {
+            let at = path.field("cookie");
+            if !key.contains(&Selector::Cookie(c.name.clone())) {
+                return Err(at.field("name").error(format!(
+                    "\"{}\" must be one of the key's selectors as \"cookie:{}\"",
+                    c.name, c.name
+                )));
+            }
+            if c.name
+                .bytes()
+                .any(|b| matches!(b, b'=' | b';' | b',' | b'"'))
+            {
+                return Err(at
+                    .field("name")
+                    .error(format!("\"{}\" is not a valid cookie name", c.name)));
+            }
+            let ttl = parse_duration(&at.field("ttl"), &c.ttl)?;
+            Some(StickyCookie {
+                name: c.name.clone(),
+                ttl,
+            })
+        }
+    };
+
+    let routes = match &spec.routes {
+        None => None,
+        Some(list) => {
+            for (i, r) in list.iter().enumerate() {
+                if r.is_empty() {
+                    return Err(path.field("routes").index(i).error("must not be empty"));
+                }
+            }
+            Some(list.clone())
+        }
+    };
+
+    Ok(PickerConfig {
+        name: spec.name.clone(),
+        key,
+        algorithm,
+        options: PickerOptions {
+            panic_threshold,
+            balance_factor,
+        },
+        source,
+        routes,
+        target,
+        cookie,
+    })
+}
+
+fn validate_key(path: &FieldPath, parts: &[String]) -> Result<Vec<Selector>, ConfigError> {
+    if parts.is_empty() {
+        return Err(path.error("needs at least one selector"));
+    }
+    if parts.len() == 1 {
+        return parts.iter().map(|p| Selector::parse(path, p)).collect();
+    }
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Selector::parse(&path.index(i), p))
+        .collect()
+}
+
+fn validate_service(path: &FieldPath, name: &str) -> Result<String, ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(path.error(format!(
+            "expected a service name of ASCII letters, digits, '-', '_' and '.', got \"{name}\""
+        )))
+    }
+}
+
+/// Checks an `ip:port` address; the error explains why names are not accepted.
+pub fn parse_address(path: &FieldPath, text: &str) -> Result<SocketAddr, ConfigError> {
+    match text.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => Ok(addr),
+        Ok(_) => Err(path.error(format!(
+            "expected \"ip:port\", got \"{text}\": port 0 cannot be connected to"
+        ))),
+        Err(_) => Err(path.error(format!(
+            "expected \"ip:port\", got \"{text}\": an IPv4 address or a bracketed IPv6 address \
+             with a port, e.g. \"10.0.0.1:8080\" or \"[2001:db8::1]:8080\"; host names are not \
+             resolved (endpoints come from configuration and registries as addresses, and \
+             Envoy's ORIGINAL_DST cluster connects to the header's address as is)"
+        ))),
+    }
+}
+
+fn validate_endpoints(
+    path: &FieldPath,
+    list: &[EndpointSpec],
+    mode: ModeName,
+) -> Result<Vec<Endpoint>, ConfigError> {
+    if list.is_empty() {
+        return Err(path.error("needs at least one endpoint (or use \"service\")"));
+    }
+    let mut seen: Vec<SocketAddr> = Vec::with_capacity(list.len());
+    let mut endpoints = Vec::with_capacity(list.len());
+    for (i, spec) in list.iter().enumerate() {
+        let at = path.index(i);
+        let addr = parse_address(&at.field("address"), &spec.address)?;
+        if seen.contains(&addr) {
+            return Err(at.field("address").error(format!(
+                "\"{}\" is listed twice; each endpoint once",
+                spec.address
+            )));
+        }
+        seen.push(addr);
+        let weight = spec.weight.unwrap_or(1);
+        if weight == 0 {
+            return Err(at
+                .field("weight")
+                .error("must be more than 0 (remove the endpoint to send it nothing)"));
+        }
+        if let Some(cluster) = &spec.cluster {
+            if mode != ModeName::ClusterHeader {
+                return Err(at
+                    .field("cluster")
+                    .error("applies to mode \"cluster_header\" only"));
+            }
+            if cluster.is_empty() || cluster.bytes().any(|b| b <= b' ' || b >= 0x7f) {
+                return Err(at.field("cluster").error(format!(
+                    "expected an Envoy cluster name without spaces, got \"{cluster}\""
+                )));
+            }
+        }
+        endpoints.push(Endpoint {
+            address: spec.address.clone(),
+            weight,
+            priority: spec.priority.unwrap_or(0),
+            healthy: true,
+        });
+    }
+    Ok(endpoints)
+}
+
+fn validate_header(path: &FieldPath, name: &str) -> Result<String, ConfigError> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(token) {
+        return Err(path.error(format!(
+            "expected an HTTP header name (letters, digits, '-', ...), got \"{name}\""
+        )));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+    use crate::hash::{hash_key, Pick};
+    use crate::rand::SeededRng;
+    use alloc::vec;
+
+    const MINIMAL: &str = r#"{"pickers": [{"name": "users", "key": "header:x-user", "algorithm": "ring", "endpoints": [{"address": "127.0.0.1:18091"}, {"address": "127.0.0.1:18092"}, {"address": "127.0.0.1:18093"}]}]}"#;
+
+    fn error(json: &str) -> ConfigError {
+        from_json(json).unwrap_err()
+    }
+
+    /// `MINIMAL` with the first picker's fields replaced by `fields` (a JSON object body).
+    fn with(fields: &str) -> String {
+        let base = r#""name": "users", "key": "header:x-user", "algorithm": "ring", "endpoints": [{"address": "127.0.0.1:18091"}, {"address": "127.0.0.1:18092"}]"#;
+        let mut obj: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&format!("{{{base}}}")).unwrap();
+        let extra: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&format!("{{{fields}}}")).unwrap();
+        for (k, v) in extra {
+            if v.is_null() {
+                obj.remove(&k);
+            } else {
+                obj.insert(k, v);
+            }
+        }
+        format!(r#"{{"pickers": [{}]}}"#, serde_json::Value::Object(obj))
+    }
+
+    #[test]
+    fn the_minimal_configuration_works_as_written() {
+        let config = from_json(MINIMAL).unwrap();
+        let p = &config.pickers[0];
+        assert_eq!(p.name, "users");
+        assert_eq!(p.key, vec![Selector::Header("x-user".into())]);
+        assert_eq!(p.algorithm, Algorithm::Ring(RingParams::default()));
+        assert_eq!(p.options.panic_threshold.get(), 0.5);
+        assert_eq!(p.options.balance_factor, None);
+        assert_eq!(p.target.header(), "x-envoy-original-dst-host");
+        assert_eq!(p.routes, None);
+        assert_eq!(p.cookie, None);
+        assert_eq!(p.in_flight_key(), "keel/picker/users/in_flight");
+        let EndpointSource::Static(eps) = &p.source else {
+            panic!("static endpoints expected");
+        };
+        assert_eq!(eps.len(), 3);
+        assert_eq!(eps[1], Endpoint::new("127.0.0.1:18092"));
+        let picker = p.static_picker().unwrap();
+        let mut key = KeyHash::new();
+        key.add(Some(b"alice"));
+        let Pick::Host(i) = picker.pick_hash(key.finish().unwrap(), &[]) else {
+            panic!("no host");
+        };
+        assert_eq!(
+            p.target.value(&picker.endpoints()[i]),
+            picker.endpoints()[i].address
+        );
+    }
+
+    #[test]
+    fn every_option_parses() {
+        let c = from_json(&with(
+            r#""key": ["header:X-User", "cookie:sid"], "algorithm": "maglev", "table_size": 251,
+               "balance_factor": 1.25, "panic_threshold": 0.3, "routes": ["users"],
+               "mode": "cluster_header", "cluster_header": "X-Keel-Cluster",
+               "cookie": {"name": "sid", "ttl": "1h"}, "endpoints": [
+                 {"address": "10.0.0.1:80", "weight": 2, "priority": 1, "cluster": "users-a"},
+                 {"address": "[2001:db8::1]:80"}]"#,
+        ))
+        .unwrap();
+        let p = &c.pickers[0];
+        assert_eq!(
+            p.key,
+            vec![
+                Selector::Header("x-user".into()),
+                Selector::Cookie("sid".into())
+            ]
+        );
+        assert_eq!(p.algorithm, Algorithm::Maglev(TableSize::new(251).unwrap()));
+        assert_eq!(p.options.balance_factor, BalanceFactor::new(1.25));
+        assert_eq!(p.options.panic_threshold.get(), 0.3);
+        assert_eq!(p.routes, Some(vec!["users".to_string()]));
+        assert_eq!(p.target.header(), "x-keel-cluster");
+        let EndpointSource::Static(eps) = &p.source else {
+            panic!("static endpoints expected");
+        };
+        assert_eq!((eps[0].weight, eps[0].priority), (2, 1));
+        assert_eq!(p.target.value(&eps[0]), "users-a");
+        assert_eq!(p.target.value(&eps[1]), "[2001:db8::1]:80");
+        let cookie = p.cookie.as_ref().unwrap();
+        let value = cookie.generate(&mut SeededRng::new(1));
+        assert_eq!(value.len(), 16);
+        assert_eq!(
+            cookie.set_cookie(&value),
+            format!("sid={value}; Max-Age=3600; Path=/; HttpOnly")
+        );
+        let session = StickyCookie {
+            name: "sid".into(),
+            ttl: Duration::from_secs(0),
+        };
+        assert_eq!(session.set_cookie("x"), "sid=x; Path=/; HttpOnly");
+
+        let s = from_json(&with(
+            r#""endpoints": null, "service": "users.v1", "ring_size": 64"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            s.pickers[0].source,
+            EndpointSource::Service("users.v1".into())
+        );
+        assert_eq!(
+            s.pickers[0].static_picker().map(|p| p.endpoints().len()),
+            None
+        );
+        assert_eq!(
+            s.pickers[0].algorithm,
+            Algorithm::Ring(RingParams {
+                points_per_weight: 64,
+                ..RingParams::default()
+            })
+        );
+        for (name, algorithm) in [
+            ("round_robin", Algorithm::RoundRobin),
+            ("weighted", Algorithm::Weighted),
+            ("least_request", Algorithm::LeastRequest),
+        ] {
+            let c = from_json(&with(&format!(r#""algorithm": "{name}", "key": null"#))).unwrap();
+            assert_eq!(c.pickers[0].algorithm, algorithm);
+            assert!(c.pickers[0].key.is_empty());
+        }
+        let h = from_json(&with(r#""header": "X-Dst""#)).unwrap();
+        assert_eq!(h.pickers[0].target.header(), "x-dst");
+    }
+
+    #[test]
+    fn bad_fields_are_refused_with_their_path() {
+        let bad_address = MINIMAL.replace("127.0.0.1:18092", "x");
+        let e = error(&bad_address);
+        assert_eq!(e.path, "pickers[0].endpoints[1].address");
+        assert!(
+            e.to_string()
+                .starts_with(r#"pickers[0].endpoints[1].address: expected "ip:port", got "x""#),
+            "{e}"
+        );
+        assert!(e.message.contains("host names are not resolved"), "{e}");
+        let cases: &[(&str, &str)] = &[
+            (
+                r#""endpoints": [{"address": "users.local:80"}]"#,
+                "pickers[0].endpoints[0].address",
+            ),
+            (
+                r#""endpoints": [{"address": "10.0.0.1"}]"#,
+                "pickers[0].endpoints[0].address",
+            ),
+            (
+                r#""endpoints": [{"address": "10.0.0.1:0"}]"#,
+                "pickers[0].endpoints[0].address",
+            ),
+            (
+                r#""endpoints": [{"address": "::1:80"}]"#,
+                "pickers[0].endpoints[0].address",
+            ),
+            (
+                r#""endpoints": [{"address": "10.0.0.1:80"}, {"address": "10.0.0.1:80"}]"#,
+                "pickers[0].endpoints[1].address",
+            ),
+            (
+                r#""endpoints": [{"address": "10.0.0.1:80", "weight": 0}]"#,
+                "pickers[0].endpoints[0].weight",
+            ),
+            (
+                r#""endpoints": [{"address": "10.0.0.1:80", "cluster": "a"}]"#,
+                "pickers[0].endpoints[0].cluster",
+            ),
+            (r#""endpoints": []"#, "pickers[0].endpoints"),
+            (r#""service": "users""#, "pickers[0]"),
+            (r#""endpoints": null"#, "pickers[0]"),
+            (
+                r#""endpoints": null, "service": "a b""#,
+                "pickers[0].service",
+            ),
+            (r#""key": null"#, "pickers[0].key"),
+            (r#""key": []"#, "pickers[0].key"),
+            (r#""key": "body:x""#, "pickers[0].key"),
+            (r#""key": ["header:a", "bad"]"#, "pickers[0].key[1]"),
+            (r#""algorithm": "round_robin""#, "pickers[0].key"),
+            (r#""ring_size": 0"#, "pickers[0].ring_size"),
+            (r#""ring_size": 100000"#, "pickers[0].ring_size"),
+            (r#""table_size": 65537"#, "pickers[0].table_size"),
+            (
+                r#""algorithm": "maglev", "table_size": 65536"#,
+                "pickers[0].table_size",
+            ),
+            (
+                r#""algorithm": "maglev", "table_size": 2"#,
+                "pickers[0].table_size",
+            ),
+            (
+                r#""algorithm": "maglev", "ring_size": 10"#,
+                "pickers[0].ring_size",
+            ),
+            (r#""balance_factor": 0.9"#, "pickers[0].balance_factor"),
+            (
+                r#""algorithm": "weighted", "key": null, "balance_factor": 1.5"#,
+                "pickers[0].balance_factor",
+            ),
+            (r#""panic_threshold": 1.5"#, "pickers[0].panic_threshold"),
+            (r#""header": "bad header""#, "pickers[0].header"),
+            (r#""cluster_header": "x-c""#, "pickers[0].cluster_header"),
+            (r#""mode": "cluster_header""#, "pickers[0].cluster_header"),
+            (
+                r#""mode": "cluster_header", "cluster_header": "x-c", "header": "x-d""#,
+                "pickers[0].header",
+            ),
+            (
+                r#""cookie": {"name": "sid", "ttl": "1h"}"#,
+                "pickers[0].cookie.name",
+            ),
+            (
+                r#""key": "cookie:sid", "cookie": {"name": "sid", "ttl": "soon"}"#,
+                "pickers[0].cookie.ttl",
+            ),
+            (r#""routes": [""]"#, "pickers[0].routes[0]"),
+            (r#""name": "a/b""#, "pickers[0].name"),
+        ];
+        for (fields, path) in cases {
+            let e = error(&with(fields));
+            assert_eq!(e.path, *path, "{fields}: {e}");
+        }
+        assert_eq!(error(r#"{"pickers": []}"#).path, "pickers");
+        let two = format!(
+            r#"{{"pickers": [{0}, {0}]}}"#,
+            &MINIMAL[13..MINIMAL.len() - 2]
+        );
+        assert_eq!(error(&two).path, "pickers[1].name");
+    }
+
+    #[test]
+    fn request_keys_combine_selectors_and_generate_the_sticky_cookie() {
+        let c = from_json(&with(
+            r#""key": ["header:x-user", "cookie:sid"], "cookie": {"name": "sid", "ttl": "10m"}"#,
+        ))
+        .unwrap();
+        let p = &c.pickers[0];
+        let mut rng = SeededRng::new(9);
+        let both = p.request_key(
+            |s| match s {
+                Selector::Header(_) => Some("alice".into()),
+                Selector::Cookie(_) => Some("c1".into()),
+                _ => None,
+            },
+            &mut rng,
+        );
+        let mut expected = KeyHash::new();
+        expected.add(Some(b"alice"));
+        expected.add(Some(b"c1"));
+        assert_eq!(
+            both,
+            RequestKey {
+                hash: expected.finish(),
+                set_cookie: None
+            }
+        );
+        // No cookie yet: one is generated, used as the key part, and returned to be set.
+        let fresh = p.request_key(|_| None, &mut rng);
+        let set = fresh.set_cookie.unwrap();
+        let value = set.strip_prefix("sid=").unwrap().split(';').next().unwrap();
+        assert!(set.ends_with("; Max-Age=600; Path=/; HttpOnly"), "{set}");
+        assert_eq!(fresh.hash, Some(hash_key(value.as_bytes())));
+        // Without a cookie config an absent part is skipped, and no part means no key.
+        let plain = from_json(MINIMAL).unwrap();
+        assert_eq!(plain.pickers[0].request_key(|_| None, &mut rng).hash, None);
+    }
+
+    #[test]
+    fn serde_refuses_unknown_fields_and_names() {
+        let unknown = MINIMAL.replace(r#""algorithm""#, r#""algoritm": 1, "algorithm""#);
+        assert!(error(&unknown).message.contains("unknown field"));
+        let bad_algorithm = MINIMAL.replace(r#""ring""#, r#""jump""#);
+        assert!(error(&bad_algorithm).message.contains("unknown variant"));
+        let bad_endpoint = MINIMAL.replace(
+            r#"{"address": "127.0.0.1:18091"}"#,
+            r#"{"address": "127.0.0.1:18091", "healthy": false}"#,
+        );
+        assert!(error(&bad_endpoint).message.contains("unknown field"));
+        assert!(error(
+            r#"{"pickers": [{"name": "a", "key": 5, "algorithm": "ring", "service": "s"}]}"#
+        )
+        .message
+        .contains("key selector"));
+        // The key hash of a single-header config is the plain hash of the header value.
+        let mut k = KeyHash::new();
+        k.add(Some(b"alice"));
+        assert_eq!(k.finish(), Some(hash_key(b"alice")));
+    }
+}
