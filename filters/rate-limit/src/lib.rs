@@ -155,7 +155,12 @@ impl Context for RateLimitStream {}
 impl HttpContext for RateLimitStream {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let now = clock::now();
-        let route = request::route_name();
+        // Reading a property is one of the dearer host calls: only when a policy needs it.
+        let route = if self.policies.iter().any(|p| p.rules.routes.is_some()) {
+            request::route_name()
+        } else {
+            None
+        };
         let mut delay = Duration::ZERO;
         for policy in self.policies.iter() {
             if !policy.routes.matches(route.as_deref()) {
