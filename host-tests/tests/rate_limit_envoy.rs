@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use keel_host_tests::envoy::{EnvoyConfig, Envoy, Request, Response};
+use keel_host_tests::envoy::{Envoy, EnvoyConfig, Request, Response};
 use keel_host_tests::upstream::Upstream;
 
 const MINIMAL: &str = r#"{"policies": [{"name": "per-key", "key": "header:x-api-key", "limit": {"requests": 100, "per": "1s", "burst": 100}}]}"#;
@@ -30,7 +30,9 @@ fn burst(envoy: &Envoy, key: &str, n: usize, concurrency: usize) -> Vec<Response
 fn the_minimal_config_admits_the_burst_plus_the_refill_across_two_workers() {
     let upstream = Upstream::start("backend").unwrap();
     let envoy = start(&upstream);
-    assert!(envoy.log().contains("keel rate-limit: configured policies: per-key"));
+    assert!(envoy
+        .log()
+        .contains("keel rate-limit: configured policies: per-key"));
 
     let started = Instant::now();
     let responses = burst(&envoy, "alice", 1000, 16);
@@ -50,7 +52,11 @@ fn the_minimal_config_admits_the_burst_plus_the_refill_across_two_workers() {
         (ok as f64) <= most,
         "{ok} admitted in {elapsed:.3} s; at most {most:.0} allowed"
     );
-    assert_eq!(upstream.total() as usize, ok, "refused requests never reach the upstream");
+    assert_eq!(
+        upstream.total() as usize,
+        ok,
+        "refused requests never reach the upstream"
+    );
 
     let refused = limited[0];
     assert_eq!(refused.text(), "rate limited\n");
@@ -67,11 +73,15 @@ fn the_minimal_config_admits_the_burst_plus_the_refill_across_two_workers() {
 
     // Envoy's own counters agree with what the clients saw.
     assert_eq!(
-        envoy.counter("wasmcustom.keel.rate_limit.per-key.allowed").unwrap() as usize,
+        envoy
+            .counter("wasmcustom.keel.rate_limit.per-key.allowed")
+            .unwrap() as usize,
         ok
     );
     assert_eq!(
-        envoy.counter("wasmcustom.keel.rate_limit.per-key.limited").unwrap() as usize,
+        envoy
+            .counter("wasmcustom.keel.rate_limit.per-key.limited")
+            .unwrap() as usize,
         limited.len()
     );
 

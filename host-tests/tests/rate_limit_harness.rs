@@ -141,8 +141,13 @@ fn tiers_choose_the_limit() {
         .filter(|i| admitted(&plan(&vms[i % 2], "c", Some("gold"))))
         .count();
     assert_eq!((pro, free, unknown), (5, 2, 2));
-    let reply = plan(&vms[0], "a", Some("pro")).local_reply().expect("refused");
-    assert_eq!(reply.header("ratelimit-policy"), Some("\"plans.pro\";q=5;w=60"));
+    let reply = plan(&vms[0], "a", Some("pro"))
+        .local_reply()
+        .expect("refused");
+    assert_eq!(
+        reply.header("ratelimit-policy"),
+        Some("\"plans.pro\";q=5;w=60")
+    );
 }
 
 #[test]
@@ -246,7 +251,9 @@ fn a_bad_configuration_is_refused_with_the_field_named() {
     let vm = host
         .vm("rate_limit")
         .root_id("rate_limit")
-        .config(r#"{"policies": [{"name": "x", "limit": {"requests": 1, "per": "1s"}, "burts": 3}]}"#)
+        .config(
+            r#"{"policies": [{"name": "x", "limit": {"requests": 1, "per": "1s"}, "burts": 3}]}"#,
+        )
         .start()
         .expect("the module loads");
     assert!(!vm.configured());

@@ -46,7 +46,8 @@ struct Policy {
 
 impl Policy {
     fn new(rules: RateLimitPolicy) -> Policy {
-        let metric = |what: &str| Counter::define(&format!("keel.rate_limit.{}.{what}", rules.name));
+        let metric =
+            |what: &str| Counter::define(&format!("keel.rate_limit.{}.{what}", rules.name));
         Policy {
             routes: RouteMatch::new(rules.routes.clone()),
             prefix: rules.key_prefix(),
@@ -105,8 +106,15 @@ impl RootContext for RateLimitRoot {
                 log::warn(FILTER, &format!("policy {}: could not create its slots in shared data ({e:?}); limits may be approximate", policy.rules.name));
             }
         }
-        let names: Vec<&str> = self.policies.iter().map(|p| p.rules.name.as_str()).collect();
-        log::info(FILTER, &format!("configured policies: {}", names.join(", ")));
+        let names: Vec<&str> = self
+            .policies
+            .iter()
+            .map(|p| p.rules.name.as_str())
+            .collect();
+        log::info(
+            FILTER,
+            &format!("configured policies: {}", names.join(", ")),
+        );
         true
     }
 
@@ -222,7 +230,10 @@ impl HttpContext for RateLimitStream {
         }
         let mut parked = self.parked.borrow_mut();
         if parked.is_empty() && proxy_wasm::hostcalls::set_tick_period(TICK).is_err() {
-            log::warn(FILTER, "the host cannot set a tick period; not delaying the request");
+            log::warn(
+                FILTER,
+                "the host cannot set a tick period; not delaying the request",
+            );
             return Action::Continue;
         }
         parked.push((self.context_id, now.saturating_add(delay)));

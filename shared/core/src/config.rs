@@ -244,9 +244,9 @@ impl Selector {
             }
         };
         match text.split_once(':') {
-            Some(("header", name)) => named("header", name, |n| {
-                Selector::Header(n.to_ascii_lowercase())
-            }),
+            Some(("header", name)) => {
+                named("header", name, |n| Selector::Header(n.to_ascii_lowercase()))
+            }
             Some(("cookie", name)) => named("cookie", name, Selector::Cookie),
             Some(("query", name)) => named("query", name, Selector::Query),
             None if text == "source_ip" => Ok(Selector::SourceIp),

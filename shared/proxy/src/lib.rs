@@ -14,6 +14,11 @@
 //! - [`http_call`]: callouts to Envoy clusters and reading their answers safely.
 //! - [`metrics`]: counters and gauges defined once per root context.
 //! - [`routes`]: which policies apply to a route name.
+//! - [`response`]: the response's status, headers and body chunks, and Envoy's response flags.
+//! - [`routing`]: the route name, the route's cluster and the upstream host (Envoy 1.40's
+//!   `xds.*` properties).
+//! - [`stream`]: copies of a request for replay, and acting on a held stream from the root
+//!   context (switch to it, resume it, answer in its place).
 //!
 //! Every function here returns a value or an `Option`: host errors are logged or ignored, never
 //! unwrapped, because a panic in a VM takes down every request of its worker.
@@ -25,8 +30,11 @@ pub mod log;
 pub mod metrics;
 pub mod reply;
 pub mod request;
+pub mod response;
 pub mod routes;
+pub mod routing;
 pub mod store;
+pub mod stream;
 
 /// The `vm_id` every Keel filter is configured with, so that filters of the suite share one
 /// shared-data namespace (discovery publishes endpoint sets that the picker reads).

@@ -19,11 +19,8 @@ pub fn header_str(name: &str) -> Option<String> {
 
 /// Sets (or replaces) a request header.
 pub fn set_header(name: &str, value: &str) {
-    let _ = hostcalls::set_map_value_bytes(
-        MapType::HttpRequestHeaders,
-        name,
-        Some(value.as_bytes()),
-    );
+    let _ =
+        hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value.as_bytes()));
 }
 
 /// A response header's value as text, if present and UTF-8.

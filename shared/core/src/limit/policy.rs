@@ -230,9 +230,9 @@ fn validate_policy(path: &FieldPath, spec: &PolicySpec) -> Result<RateLimitPolic
     };
     let max_keys = spec.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
     if max_keys == 0 || max_keys > MAX_MAX_KEYS {
-        return Err(path
-            .field("max_keys")
-            .error(format!("must be between 1 and {MAX_MAX_KEYS}, got {max_keys}")));
+        return Err(path.field("max_keys").error(format!(
+            "must be between 1 and {MAX_MAX_KEYS}, got {max_keys}"
+        )));
     }
     let max_delay = match &spec.shaping {
         Some(s) => {
@@ -293,9 +293,9 @@ fn validate_tiers(
 fn validate_deny(path: &FieldPath, spec: DenySpec) -> Result<DenyReply, ConfigError> {
     let status = spec.status.unwrap_or(429);
     if !(200..=599).contains(&status) {
-        return Err(path
-            .field("status")
-            .error(format!("must be an HTTP status from 200 to 599, got {status}")));
+        return Err(path.field("status").error(format!(
+            "must be an HTTP status from 200 to 599, got {status}"
+        )));
     }
     let body = spec.body.unwrap_or_else(|| "rate limited\n".to_string());
     if body.len() > 65_536 {
