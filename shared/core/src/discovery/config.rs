@@ -23,6 +23,16 @@
 //!
 //! `passive` sits beside `health_check` rather than inside it: outlier ejection works on real
 //! traffic and is useful without any active check.
+//!
+//! At the top level, beside `services`:
+//!
+//! | field | default | meaning |
+//! |---|---|---|
+//! | `admin_path` | none (off) | a request path (e.g. `"/keel/discovery"`) that the filter answers itself with every service's published set as JSON, for operators; put it on an internal listener or route |
+//!
+//! From the validated values the glue derives its tick ([`DiscoveryConfig::tick`]): a tenth of
+//! the shortest refresh or check interval, between [`MIN_TICK`] and [`MAX_TICK`], so that a
+//! refresh or a check is never late by more than a tenth of its period.
 
 use alloc::borrow::ToOwned;
 use alloc::collections::BTreeSet;
@@ -57,6 +67,11 @@ pub const MAX_MAX_ENDPOINTS: usize = 16_384;
 /// Default cluster for active health checks: an `ORIGINAL_DST` cluster routing on the
 /// `x-envoy-original-dst-host` header.
 pub const DEFAULT_HEALTH_CLUSTER: &str = "keel_health";
+/// The shortest tick of the glue.
+pub const MIN_TICK: Duration = Duration::from_millis(50);
+/// The longest tick of the glue (it also renews the poller lease, whose TTL is
+/// [`super::lease::POLLER_LEASE_TTL`], six ticks at this length).
+pub const MAX_TICK: Duration = Duration::from_millis(500);
 
 // ---------------------------------------------------------------------------------------
 // Stage 1: the JSON, as written.
@@ -67,6 +82,9 @@ pub const DEFAULT_HEALTH_CLUSTER: &str = "keel_health";
 pub struct DiscoverySpec {
     /// The services to discover.
     pub services: Vec<ServiceSpec>,
+    /// The path the filter answers with the published sets as JSON.
+    #[serde(default)]
+    pub admin_path: Option<String>,
 }
 
 /// One service, as written.
@@ -203,6 +221,9 @@ pub struct PassiveSpec {
 pub struct DiscoveryConfig {
     /// The services, in configuration order, with unique names.
     pub services: Vec<ServiceConfig>,
+    /// The request path answered with the published sets as JSON (visible ASCII, starts with
+    /// `/`, no query), if configured.
+    pub admin_path: Option<String>,
 }
 
 /// One validated service.
@@ -345,7 +366,40 @@ impl DiscoveryConfig {
             .enumerate()
             .map(|(i, s)| ServiceConfig::from_spec(&root.index(i), s))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(DiscoveryConfig { services })
+        let admin_path = match &spec.admin_path {
+            None => None,
+            Some(p) => {
+                let ok = p.starts_with('/')
+                    && p.len() <= 256
+                    && p.bytes()
+                        .all(|b| (0x21..0x7f).contains(&b) && b != b'?' && b != b'#');
+                if !ok {
+                    return Err(FieldPath::root().field("admin_path").error(format!(
+                        "must be a path starting with '/' of up to 256 visible ASCII characters without '?' or '#', got \"{}\"",
+                        p.escape_debug()
+                    )));
+                }
+                Some(p.clone())
+            }
+        };
+        Ok(DiscoveryConfig {
+            services,
+            admin_path,
+        })
+    }
+
+    /// How often the glue's root context ticks: a tenth of the shortest refresh or active-check
+    /// interval, within [`MIN_TICK`]..=[`MAX_TICK`].
+    pub fn tick(&self) -> Duration {
+        let shortest = self
+            .services
+            .iter()
+            .flat_map(|s| {
+                core::iter::once(s.refresh).chain(s.health_check.as_ref().map(|h| h.interval))
+            })
+            .min()
+            .unwrap_or(MAX_TICK);
+        shortest.div(10).max(MIN_TICK).min(MAX_TICK)
     }
 }
 
@@ -684,6 +738,29 @@ mod tests {
         assert_eq!(p.max_ejection_percent, 10);
         assert_eq!(users.max_stale, Duration::from_secs(300));
         assert_eq!(users.max_endpoints, 1024);
+    }
+
+    #[test]
+    fn admin_path_and_tick() {
+        let config = DiscoveryConfig::from_json(MINIMAL).unwrap();
+        assert_eq!(config.admin_path, None);
+        // 1 s refresh and interval: a tick of 100 ms.
+        assert_eq!(config.tick(), Duration::from_millis(100));
+        let mut doc: serde_json::Value = serde_json::from_str(MINIMAL).unwrap();
+        doc["admin_path"] = "/keel/discovery".into();
+        doc["services"][0]["refresh"] = "1m".into();
+        doc["services"][0]["health_check"]["interval"] = "200ms".into();
+        let config = DiscoveryConfig::from_json(&doc.to_string()).unwrap();
+        assert_eq!(config.admin_path.as_deref(), Some("/keel/discovery"));
+        assert_eq!(config.tick(), MIN_TICK);
+        doc["services"][0]["health_check"]["interval"] = "30s".into();
+        let config = DiscoveryConfig::from_json(&doc.to_string()).unwrap();
+        assert_eq!(config.tick(), MAX_TICK);
+        for bad in ["keel", "/a?b", "/a b", ""] {
+            doc["admin_path"] = bad.into();
+            let e = error_of(&doc.to_string());
+            assert_eq!(e.path, "admin_path", "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -281,6 +281,28 @@ impl Outcome {
         }
     }
 
+    /// The outcome of a finished request as a host reports it: the response code (`None` when
+    /// no response was produced) and Envoy's `response.code_details` (`None` on a host without
+    /// it). Envoy's router writes `upstream_reset_before_response_started{...}` for resets and
+    /// refused connections, `upstream_response_timeout` and `upstream_per_try_timeout` for
+    /// timeouts (its own 503 and 504 local replies): those count as [`Outcome::Reset`] and
+    /// [`Outcome::Timeout`]. Otherwise the status decides. `None` when there is nothing to
+    /// judge (no status and no known detail).
+    pub fn from_response(status: Option<u16>, details: Option<&str>) -> Option<Self> {
+        if let Some(details) = details {
+            if details.starts_with("upstream_reset") {
+                return Some(Outcome::Reset);
+            }
+            if details.starts_with("upstream_response_timeout")
+                || details.starts_with("upstream_per_try_timeout")
+                || details.starts_with("upstream_per_try_idle_timeout")
+            {
+                return Some(Outcome::Timeout);
+            }
+        }
+        status.map(Outcome::from_status)
+    }
+
     /// Whether it counts towards ejection.
     pub fn is_failure(self) -> bool {
         !matches!(self, Outcome::Success)
@@ -760,6 +782,38 @@ mod tests {
         assert!(set.expire_ejections(t(40)));
         assert!(set.version > v1);
         assert!(set.find("10.0.0.1:80").unwrap().routable());
+    }
+
+    #[test]
+    fn outcomes_from_status_and_envoy_details() {
+        let reset = "upstream_reset_before_response_started{connection_failure}";
+        assert_eq!(
+            Outcome::from_response(Some(503), Some(reset)),
+            Some(Outcome::Reset)
+        );
+        assert_eq!(
+            Outcome::from_response(Some(504), Some("upstream_response_timeout")),
+            Some(Outcome::Timeout)
+        );
+        assert_eq!(
+            Outcome::from_response(Some(504), Some("upstream_per_try_timeout")),
+            Some(Outcome::Timeout)
+        );
+        assert_eq!(
+            Outcome::from_response(Some(503), Some("via_upstream")),
+            Some(Outcome::ServerError)
+        );
+        assert_eq!(
+            Outcome::from_response(Some(404), Some("via_upstream")),
+            Some(Outcome::Success)
+        );
+        assert_eq!(
+            Outcome::from_response(Some(200), None),
+            Some(Outcome::Success)
+        );
+        assert_eq!(Outcome::from_response(None, None), None);
+        assert_eq!(Outcome::from_response(None, Some("other")), None);
+        assert!(Outcome::Reset.is_failure() && Outcome::Timeout.is_failure());
     }
 
     #[test]

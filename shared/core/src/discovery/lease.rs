@@ -30,6 +30,10 @@ pub const LEASE_KEY: &str = "keel/discovery/poller";
 pub const LEASE_LAYOUT: u8 = 1;
 /// Compare-and-swap attempts for one acquisition.
 pub const LEASE_ATTEMPTS: u32 = 4;
+/// How long the poller's lease lasts without renewal. The holder renews it on its ticks (at
+/// most 500 ms apart) once less than half is left, so a live poller keeps it with a margin of
+/// several ticks; a VM that stops is replaced after at most this long plus one tick.
+pub const POLLER_LEASE_TTL: Duration = Duration::from_secs(3);
 
 /// Who polls, until when.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

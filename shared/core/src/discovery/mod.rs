@@ -25,10 +25,19 @@
 //! 4. [`ActiveChecks::sync`] with the set, send [`ActiveChecks::due`], feed the results to
 //!    [`ActiveChecks::on_result`] and publish flips with [`EndpointSet::set_check_health`].
 //!
-//! On each response of real traffic, any worker feeds [`PassiveCounter::record`] through
-//! `store::update` and, on [`PassiveVerdict::Eject`], calls [`EndpointSet::eject`] through
-//! [`update_set`]. The picker reads the version stamp on each request and the set only when
-//! the stamp moved (see [`update_set`]).
+//! The glue ticks every [`DiscoveryConfig::tick`]; its lease lasts [`POLLER_LEASE_TTL`]. A
+//! worker that becomes the poller starts its per-service state afresh and resumes it from the
+//! shared set ([`RefreshSchedule::resume`], [`ActiveChecks::sync`]); one that loses the lease
+//! drops that state and ignores answers to what it had sent. Hosts that leave the set
+//! ([`MergeOutcome::removed`]) have their passive counters reset.
+//!
+//! At the end of each request of real traffic (`on_log`), any worker classifies the outcome
+//! with [`Outcome::from_response`] (status and Envoy's `response.code_details`) for the host in
+//! Envoy's `upstream.address` property, if that host is in a service's set, feeds
+//! [`PassiveCounter::record`] through `store::update` and, on [`PassiveVerdict::Eject`], calls
+//! [`EndpointSet::eject`] through [`update_set`]. The picker reads the version stamp on each
+//! request and the set only when the stamp moved (see [`update_set`]). [`report`] gives the
+//! counts for the gauges and the JSON an operator reads at the glue's `admin_path`.
 //!
 //! # Shared data
 //!
@@ -58,6 +67,7 @@ pub mod etcd;
 pub mod health;
 pub mod lease;
 pub mod registry;
+pub mod report;
 pub mod staleness;
 
 pub use config::{
@@ -72,12 +82,15 @@ pub use health::{
     passive_key, ActiveChecks, CheckRequest, CheckResult, CheckState, Ejection, Outcome,
     PassiveCounter, PassiveVerdict,
 };
-pub use lease::{acquire, try_acquire, PollerLease, LEASE_KEY};
+pub use lease::{acquire, try_acquire, PollerLease, LEASE_KEY, POLLER_LEASE_TTL};
 pub use registry::{
     DiscoveredEndpoint, ParseError, ParseLimits, RegistryAnswer, RegistryRequest, SkipReason,
     SkippedEntry,
 };
+pub use report::{status_json, SetCounts};
 pub use staleness::{Freshness, RefreshSchedule};
+
+use crate::time;
 
 impl Source {
     /// The callout that reads the registry (`None` for a static list, which needs none).
@@ -97,6 +110,28 @@ impl Source {
                 ..RegistryAnswer::default()
             }),
             _ => None,
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// Parses a registry's answer (status 200) for this service's source, within
+    /// [`ServiceConfig::parse_limits`]. A static source has no answer to parse.
+    pub fn parse_answer(&self, body: &[u8]) -> Result<RegistryAnswer, ParseError> {
+        let limits = self.parse_limits();
+        match &self.source {
+            Source::Etcd(e) => etcd::parse_range_response(body, &e.prefix, &limits),
+            Source::Consul(_) => consul::parse_health_response(body, &limits),
+            Source::Static(_) => Err(ParseError::Shape("a static source has no registry answer")),
+        }
+    }
+
+    /// The longest a registry request of this service may run (the callout's timeout), for
+    /// [`RefreshSchedule::new`]: etcd's request timeout, or a Consul blocking query's.
+    pub fn request_timeout(&self) -> time::Duration {
+        match &self.source {
+            Source::Consul(c) => consul::health_request(c, ConsulIndex(1)).timeout,
+            _ => etcd::REQUEST_TIMEOUT,
         }
     }
 }
@@ -278,6 +313,24 @@ mod tests {
             RefreshSchedule::new(service.refresh, service.max_stale, etcd::REQUEST_TIMEOUT);
         resumed.resume(set.refreshed_at);
         assert_eq!(resumed.age(now), schedule.age(now));
+    }
+
+    #[test]
+    fn answers_are_parsed_by_source() {
+        let config = DiscoveryConfig::from_json(CONFIG).unwrap();
+        let users = &config.services[0];
+        let answer = users.parse_answer(&etcd_body(&[1, 2])).unwrap();
+        assert_eq!(answer.endpoints.len(), 2);
+        assert!(users.parse_answer(b"[]").is_err());
+        assert_eq!(users.request_timeout(), etcd::REQUEST_TIMEOUT);
+        let consul = r#"{"services": [{"name": "c", "source": {"consul": {"cluster": "consul", "service": "users", "wait": "30s"}}}]}"#;
+        let config = DiscoveryConfig::from_json(consul).unwrap();
+        let c = &config.services[0];
+        assert_eq!(c.parse_answer(b"[]").unwrap().endpoints.len(), 0);
+        assert!(c.request_timeout() > Duration::from_secs(30));
+        let stat = r#"{"services": [{"name": "s", "source": {"static": [{"address": "127.0.0.1", "port": 1}]}}]}"#;
+        let config = DiscoveryConfig::from_json(stat).unwrap();
+        assert!(config.services[0].parse_answer(b"[]").is_err());
     }
 
     #[test]

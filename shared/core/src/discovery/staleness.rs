@@ -15,7 +15,13 @@
 //! Backoff after `n` consecutive failures: `d = min(cap, refresh × 2^n)`, drawn uniformly in
 //! `[d/2, d]` (AWS's "equal jitter": it spreads proxies out while keeping a floor, since a
 //! poller, unlike a client retry, gains nothing from asking again at once). `cap` is
-//! [`MAX_BACKOFF`], or `refresh` if that is longer.
+//! `refresh × `[`BACKOFF_CAP_FACTOR`] bounded by [`MAX_BACKOFF`], and never below `refresh`:
+//! a poller that refreshes every second backs off to at most 10 s, so it notices a registry's
+//! return within seconds, while a slow poller is never made slower than its own refresh.
+//!
+//! A new poller (after a takeover) resumes from the shared set's `refreshed_at`: the data's
+//! age carries over, and its first request goes one refresh after the last good answer rather
+//! than at once, so a change of poller does not add a request to the registry's load.
 
 use crate::rand::Rng;
 use crate::time::{Duration, Instant};
@@ -23,6 +29,8 @@ use crate::time::{Duration, Instant};
 /// The longest wait between two attempts while the registry fails (unless `refresh` is
 /// longer).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The backoff cap as a multiple of `refresh` (then bounded by [`MAX_BACKOFF`]).
+pub const BACKOFF_CAP_FACTOR: u64 = 10;
 
 /// How current the served data is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -75,11 +83,15 @@ impl RefreshSchedule {
         }
     }
 
-    /// Resumes the age from the shared set's `refreshed_at` after a poller takeover, so the
-    /// data's age is not reset by a change of poller.
+    /// Resumes from the shared set's `refreshed_at` after a poller takeover: the data's age is
+    /// not reset by a change of poller, and the next request is due one refresh after that
+    /// answer (at once if that is past), not at once.
     pub fn resume(&mut self, refreshed_at: Option<Instant>) {
         if self.last_success.is_none() {
-            self.last_success = refreshed_at;
+            if let Some(at) = refreshed_at {
+                self.last_success = Some(at);
+                self.next_at = at.saturating_add(self.refresh);
+            }
         }
     }
 
@@ -140,9 +152,17 @@ impl RefreshSchedule {
     }
 }
 
+/// The longest backoff for `refresh` (see the module docs).
+pub fn backoff_cap(refresh: Duration) -> Duration {
+    refresh
+        .saturating_mul(BACKOFF_CAP_FACTOR)
+        .min(MAX_BACKOFF)
+        .max(refresh)
+}
+
 /// The wait after `failures` consecutive failures (see the module docs).
 pub fn backoff(refresh: Duration, failures: u32, rng: &mut impl Rng) -> Duration {
-    let cap = MAX_BACKOFF.max(refresh);
+    let cap = backoff_cap(refresh);
     let exp = failures.min(32);
     let ceiling = refresh.saturating_mul(1u64 << exp).min(cap);
     let half = ceiling.div(2);
@@ -168,10 +188,12 @@ mod tests {
     #[test]
     fn backoff_grows_within_bounds_and_is_capped() {
         let mut rng = SeededRng::new(5);
+        assert_eq!(backoff_cap(s(1)), s(10));
+        assert_eq!(backoff_cap(s(5)), s(50));
+        assert_eq!(backoff_cap(s(30)), MAX_BACKOFF);
+        assert_eq!(backoff_cap(s(120)), s(120));
         for failures in 1..40u32 {
-            let ceiling = s(1)
-                .saturating_mul(1u64 << failures.min(32))
-                .min(MAX_BACKOFF);
+            let ceiling = s(1).saturating_mul(1u64 << failures.min(32)).min(s(10));
             for _ in 0..50 {
                 let d = backoff(s(1), failures, &mut rng);
                 assert!(d >= ceiling.div(2) && d <= ceiling, "{failures}: {d}");
@@ -241,6 +263,16 @@ mod tests {
         let mut sched = RefreshSchedule::new(s(1), s(10), s(5));
         sched.resume(Some(at(5)));
         assert_eq!(sched.age(at(8)), Some(s(3)));
+        // The first request of the new poller goes one refresh after the last answer.
+        assert!(!sched.due(Instant::from_nanos(5_999_999_999)));
+        assert!(sched.due(at(6)));
+        // A second resume (or one with nothing to resume) changes nothing.
+        sched.resume(Some(at(7)));
+        assert_eq!(sched.age(at(8)), Some(s(3)));
+        let mut fresh = RefreshSchedule::new(s(1), s(10), s(5));
+        fresh.resume(None);
+        assert!(fresh.due(at(0)));
+        assert_eq!(fresh.age(at(0)), None);
         assert_eq!(sched.freshness(at(20)), Some(Freshness::Expired));
         assert_eq!(Freshness::from_u8(2), Some(Freshness::Expired));
         assert_eq!(Freshness::from_u8(3), None);
