@@ -55,7 +55,7 @@ pub fn property_i64(path: &[&str]) -> Option<i64> {
 
 /// The Envoy route name of the current request, if the route has one.
 pub fn route_name() -> Option<String> {
-    property_str(&["route_name"]).filter(|r| !r.is_empty())
+    crate::routing::route_name()
 }
 
 /// The request's key for `selector`: the bytes that identify its bucket, breaker or host.

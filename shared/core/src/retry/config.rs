@@ -16,7 +16,7 @@
 //! | field | default | rule |
 //! |---|---|---|
 //! | `name` | required | letters, digits, `-`, `_`; unique; names metrics and the shared-data key |
-//! | `cluster` | required | the Envoy cluster retries are sent to as callouts |
+//! | `cluster` | the route's cluster | the Envoy cluster retries are sent to as callouts |
 //! | `routes` | all routes | Envoy route names; the first policy naming a route wins |
 //! | `max_attempts` | 3 | 1 to 5, first attempt included (1: never retry); gRPC caps at 5 too |
 //! | `backoff.base` | `"25ms"` | more than zero (Envoy's default base) |
@@ -34,6 +34,7 @@
 //! | `idempotency_key_header` | `"idempotency-key"` | request header that makes any method retryable |
 //! | `respect_retry_after` | `true` | wait for `Retry-After` / `X-RateLimit-Reset` on 429 and 503 |
 //! | `max_retry_after` | `"300s"` | more than zero, at most 1 h; a longer ask gives up (Envoy's bound) |
+//! | `first_attempt` | `"router"` | `router`: the first attempt goes through the host's router and only retries are callouts; `callout`: every attempt of an eligible request is a callout (for hosts that cannot replace a response they already hold) |
 //!
 //! Why these defaults: `deadline` 10 s bounds how long a client is held; `per_try_timeout` 2 s
 //! lets three tries with their backoff fit in it with room to spare, while leaving slow but
@@ -92,7 +93,7 @@ pub struct RetryConfigSpec {
 pub struct PolicySpec {
     /// The policy's name.
     pub name: Option<String>,
-    /// The Envoy cluster retries go to.
+    /// The Envoy cluster retries go to; absent: the route's.
     pub cluster: Option<String>,
     /// Envoy route names; absent means all routes.
     pub routes: Option<Vec<String>>,
@@ -121,6 +122,8 @@ pub struct PolicySpec {
     pub respect_retry_after: Option<bool>,
     /// A duration string.
     pub max_retry_after: Option<String>,
+    /// `"router"` or `"callout"`.
+    pub first_attempt: Option<String>,
 }
 
 /// `backoff` as written.
@@ -152,11 +155,37 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D:
     Option::<String>::deserialize(d).map(Some)
 }
 
+/// How the first attempt of an eligible request is sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FirstAttempt {
+    /// Through the host's router, as any request: a request that succeeds costs no callout.
+    /// When its response calls for a retry, the filter holds that response and later replaces
+    /// it with the last attempt's. Needs a host that can pause a response and answer in its
+    /// place afterwards (Envoy can).
+    #[default]
+    Router,
+    /// Every attempt is a callout, the first included; the request is held at its headers and
+    /// answered by the filter. For hosts that cannot replace a response once it started. Only
+    /// requests without a body go this way: Envoy never shows a filter the body of a request
+    /// it holds at its headers, so the glue lets those pass unretried.
+    Callout,
+}
+
+impl FirstAttempt {
+    /// The configuration name: `router` or `callout`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FirstAttempt::Router => "router",
+            FirstAttempt::Callout => "callout",
+        }
+    }
+}
+
 /// A validated retry policy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RetryPolicy {
     name: String,
-    cluster: String,
+    cluster: Option<String>,
     routes: Option<Vec<String>>,
     max_attempts: u32,
     backoff: Backoff,
@@ -169,6 +198,7 @@ pub struct RetryPolicy {
     idempotency_key_header: String,
     respect_retry_after: bool,
     max_retry_after: Duration,
+    first_attempt: FirstAttempt,
 }
 
 impl RetryPolicy {
@@ -176,9 +206,10 @@ impl RetryPolicy {
     pub fn name(&self) -> &str {
         &self.name
     }
-    /// The Envoy cluster retries are sent to.
-    pub fn cluster(&self) -> &str {
-        &self.cluster
+    /// The Envoy cluster retries are sent to; `None`: the cluster the host routed the request
+    /// to.
+    pub fn cluster(&self) -> Option<&str> {
+        self.cluster.as_deref()
     }
     /// The route names it applies to; `None` for all routes.
     pub fn routes(&self) -> Option<&[String]> {
@@ -241,6 +272,10 @@ impl RetryPolicy {
     pub fn max_retry_after(&self) -> Duration {
         self.max_retry_after
     }
+    /// How the first attempt is sent.
+    pub fn first_attempt(&self) -> FirstAttempt {
+        self.first_attempt
+    }
     /// The eligibility of a request under this policy (see [`Eligibility::of`]).
     pub fn eligibility(
         &self,
@@ -259,12 +294,14 @@ impl RetryPolicy {
             &spec.name,
             "a name for metrics and shared data",
         )?;
-        let cluster = required(
-            path,
-            "cluster",
-            &spec.cluster,
-            "the Envoy cluster to retry to",
-        )?;
+        let cluster = match &spec.cluster {
+            Some(cluster) if cluster.trim().is_empty() => {
+                return Err(path.field("cluster").error(
+                    "must not be empty (the Envoy cluster to retry to; omit it for the route's cluster)",
+                ))
+            }
+            cluster => cluster.clone(),
+        };
         let routes = spec
             .routes
             .as_ref()
@@ -339,6 +376,16 @@ impl RetryPolicy {
 
         let retry_on = validate_retry_on(path, spec, respect_retry_after)?;
 
+        let first_attempt = match spec.first_attempt.as_deref() {
+            None | Some("router") => FirstAttempt::Router,
+            Some("callout") => FirstAttempt::Callout,
+            Some(other) => {
+                return Err(path.field("first_attempt").error(format!(
+                    "expected \"router\" or \"callout\", got \"{other}\""
+                )))
+            }
+        };
+
         Ok(RetryPolicy {
             name,
             cluster,
@@ -354,6 +401,7 @@ impl RetryPolicy {
             idempotency_key_header,
             respect_retry_after,
             max_retry_after,
+            first_attempt,
         })
     }
 }
@@ -679,7 +727,7 @@ mod tests {
             panic!("one policy")
         };
         assert_eq!(p.name(), "default");
-        assert_eq!(p.cluster(), "backend");
+        assert_eq!(p.cluster(), Some("backend"));
         assert_eq!(p.routes(), None);
         assert_eq!(p.max_attempts(), 3);
         assert_eq!(
@@ -701,7 +749,28 @@ mod tests {
         assert!(p.respect_retry_after());
         assert_eq!(p.max_retry_after(), Duration::from_secs(300));
         assert_eq!(p.budget_key(), "keel/retry/default/budget");
+        assert_eq!(p.first_attempt(), FirstAttempt::Router);
         assert!(p.applies_to(Some("anything")) && p.applies_to(None));
+    }
+
+    #[test]
+    fn without_a_cluster_retries_go_to_the_routes_cluster() {
+        let config = RetryConfig::from_json(r#"{"policies": [{"name": "p"}]}"#).unwrap();
+        assert_eq!(config.policies()[0].cluster(), None);
+    }
+
+    #[test]
+    fn the_first_attempt_can_be_a_callout() {
+        let json = r#"{"policies": [{"name": "p", "first_attempt": "callout"}]}"#;
+        let config = RetryConfig::from_json(json).unwrap();
+        assert_eq!(config.policies()[0].first_attempt(), FirstAttempt::Callout);
+        assert_eq!(FirstAttempt::Callout.name(), "callout");
+        assert_eq!(FirstAttempt::Router.name(), "router");
+        let e = policy_error(r#""first_attempt": "proxy""#);
+        assert_eq!(
+            e.to_string(),
+            "policies[0].first_attempt: expected \"router\" or \"callout\", got \"proxy\""
+        );
     }
 
     #[test]
@@ -972,6 +1041,7 @@ mod tests {
         let e =
             RetryConfig::from_json(r#"{"policies": [{"name": "p", "cluster": " "}]}"#).unwrap_err();
         assert_eq!(e.path, "policies[0].cluster");
+        assert!(e.message.contains("omit it for the route's cluster"), "{e}");
         for json in ["{}", r#"{"policies": []}"#, r#"{"policies": null}"#] {
             assert_eq!(
                 RetryConfig::from_json(json).unwrap_err().path,

@@ -9,7 +9,9 @@
 //! and an unknown method is never retried.
 //!
 //! A retried request is replayed from a buffered copy of its body, so the body must also fit
-//! `max_body`; a larger one is never retried (it is forwarded, not held in memory).
+//! `max_body`; a larger one is never retried (it is forwarded, not held in memory). Nor is one
+//! whose response arrived before the whole body had (an upstream may answer early): there is
+//! no complete copy to replay.
 //!
 //! Invariant: anything not positively known to be safe is [`Eligibility::NotIdempotent`].
 
@@ -30,6 +32,8 @@ pub enum Eligibility {
     NotIdempotent,
     /// The body is larger than `max_body`: never retried.
     BodyTooLarge,
+    /// The response came before the whole body: there is no complete copy to replay.
+    BodyIncomplete,
 }
 
 impl Eligibility {
@@ -39,13 +43,14 @@ impl Eligibility {
     }
 
     /// A short name for logs and metrics: `idempotent`, `keyed`, `not_idempotent`,
-    /// `body_too_large`.
+    /// `body_too_large`, `body_incomplete`.
     pub fn name(self) -> &'static str {
         match self {
             Eligibility::Idempotent => "idempotent",
             Eligibility::Keyed => "keyed",
             Eligibility::NotIdempotent => "not_idempotent",
             Eligibility::BodyTooLarge => "body_too_large",
+            Eligibility::BodyIncomplete => "body_incomplete",
         }
     }
 
@@ -188,5 +193,7 @@ mod tests {
         );
         assert!(!Eligibility::BodyTooLarge.is_eligible());
         assert_eq!(Eligibility::BodyTooLarge.name(), "body_too_large");
+        assert!(!Eligibility::BodyIncomplete.is_eligible());
+        assert_eq!(Eligibility::BodyIncomplete.name(), "body_incomplete");
     }
 }

@@ -117,6 +117,14 @@ impl AttemptPlan {
         self.eligibility = self.eligibility.with_body(body_len, policy.max_body());
     }
 
+    /// Records that the first attempt ended before the request's body was whole: the request
+    /// cannot be replayed. An ineligible request stays as it is (its reason is kept).
+    pub fn body_incomplete(&mut self) {
+        if self.eligibility.is_eligible() {
+            self.eligibility = Eligibility::BodyIncomplete;
+        }
+    }
+
     /// The timeout of an attempt sent at `now`: `per_try_timeout`, or less if the deadline is
     /// nearer.
     pub fn attempt_timeout(&self, policy: &RetryPolicy, now: Instant) -> Duration {
@@ -323,6 +331,15 @@ mod tests {
                 .decide(&p, &status(503), at(0), &mut rng, allow),
             RetryDecision::RetryAfter(_)
         ));
+        let mut early = keyed;
+        early.body_incomplete();
+        assert_eq!(
+            early.decide(&p, &status(503), at(0), &mut rng, allow),
+            RetryDecision::GiveUp(GiveUpReason::NotEligible(Eligibility::BodyIncomplete))
+        );
+        let mut refused = post;
+        refused.body_incomplete();
+        assert_eq!(refused.eligibility(), Eligibility::NotIdempotent);
         let mut streamed = keyed;
         streamed.body_received(&p, 101);
         assert_eq!(
