@@ -1,4 +1,5 @@
 //! The rate limiter in Keel's wasmtime host: several workers sharing data, a virtual clock.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
