@@ -43,6 +43,9 @@ pub struct BreakerSpec {
     /// `"policy"`, `"cluster"` or `"host"`: what one breaker instance covers.
     #[serde(default)]
     pub scope: Option<String>,
+    /// Scopes `cluster` and `host`: the most instances one worker tracks.
+    #[serde(default)]
+    pub max_instances: Option<u64>,
     /// Length of the sliding window, e.g. `"10s"`.
     #[serde(default)]
     pub window: Option<String>,
@@ -247,6 +250,7 @@ pub struct BreakerPolicy {
     pub(crate) max_open_for: Duration,
     pub(crate) half_open_probes: u16,
     pub(crate) probe_timeout: Duration,
+    pub(crate) max_instances: u32,
     pub(crate) failure: FailurePolicy,
     pub(crate) open_reply: OpenReply,
     pub(crate) fallback: Option<FallbackPolicy>,
@@ -266,6 +270,8 @@ const DEFAULT_PROBES: u16 = 1;
 const DEFAULT_PROBE_TIMEOUT_FLOOR: Duration = Duration::from_secs(15);
 const MIN_BUCKET_WIDTH: Duration = Duration::from_millis(1);
 const MAX_PROBES: u64 = 1000;
+const DEFAULT_MAX_INSTANCES: u32 = 1024;
+const LIMIT_MAX_INSTANCES: u64 = 65_536;
 
 impl BreakerPolicy {
     /// The policy's name.
@@ -296,6 +302,13 @@ impl BreakerPolicy {
     pub fn half_open_probes(&self) -> u16 {
         self.half_open_probes
     }
+    /// Scopes `cluster` and `host`: the most breaker instances one worker tracks. Shared data
+    /// can never delete a key, and a host key may come from a request header, so the glue
+    /// lets requests for further instances pass unguarded rather than create state without
+    /// bound.
+    pub fn max_instances(&self) -> u32 {
+        self.max_instances
+    }
     /// The length of the sliding window and the number of its buckets.
     pub fn window(&self) -> (Duration, u8) {
         (self.window, self.buckets)
@@ -303,6 +316,11 @@ impl BreakerPolicy {
     /// The first open period, its multiplier and its cap.
     pub fn open_for(&self) -> (Duration, f64, Duration) {
         (self.open_for, self.open_for_multiplier, self.max_open_for)
+    }
+
+    /// The Envoy route names this policy guards; `None`: every route.
+    pub fn routes(&self) -> Option<&[String]> {
+        self.routes.as_deref()
     }
 
     /// Whether this policy guards the Envoy route `route`.
@@ -449,6 +467,15 @@ impl BreakerPolicy {
                     .error(format!("must be 1 to {MAX_PROBES}, got {n}")))
             }
         };
+        let max_instances = match spec.max_instances {
+            None => DEFAULT_MAX_INSTANCES,
+            Some(n @ 1..=LIMIT_MAX_INSTANCES) => n as u32,
+            Some(n) => {
+                return Err(path
+                    .field("max_instances")
+                    .error(format!("must be 1 to {LIMIT_MAX_INSTANCES}, got {n}")))
+            }
+        };
         let probe_timeout = match &spec.probe_timeout {
             None => Ord::max(open_for, DEFAULT_PROBE_TIMEOUT_FLOOR),
             Some(text) => parse_positive_duration(&path.field("probe_timeout"), text)?,
@@ -479,6 +506,7 @@ impl BreakerPolicy {
             max_open_for,
             half_open_probes,
             probe_timeout,
+            max_instances,
             failure,
             open_reply,
             fallback,
@@ -645,6 +673,7 @@ mod tests {
         );
         assert_eq!(p.half_open_probes(), 3);
         assert_eq!(p.probe_timeout, Duration::from_secs(15));
+        assert_eq!(p.max_instances(), 1024);
         assert_eq!(p.mode(), Mode::Normal);
         assert_eq!(p.scope(), Scope::Policy);
         assert_eq!(p.slow_rate, None);
@@ -681,7 +710,7 @@ mod tests {
             "min_calls": 100, "slow_call": {"duration": "2s", "rate": 0.8},
             "failure": {"statuses": ["5xx", "429", 408], "resets": false, "timeouts": true},
             "open_for": "1s", "open_for_multiplier": 1.5, "max_open_for": "1m",
-            "half_open_probes": 10, "probe_timeout": "3s",
+            "half_open_probes": 10, "probe_timeout": "3s", "max_instances": 64,
             "open_reply": {"status": 429, "body": "{}", "headers": {"Content-Type": "application/json"}},
             "fallback": {"max_age": "30s", "max_body_bytes": 1024, "max_entries": 16,
                          "key": "header:x-user", "header": "x-stale"}
@@ -715,6 +744,7 @@ mod tests {
             (Duration::from_secs(1), 1.5, Duration::from_secs(60))
         );
         assert_eq!(p.probe_timeout, Duration::from_secs(3));
+        assert_eq!(p.max_instances(), 64);
         assert_eq!(p.open_reply_settings().status(), 429);
         let f = p.fallback().unwrap();
         assert_eq!(f.max_age(), Duration::from_secs(30));
@@ -774,6 +804,16 @@ mod tests {
                 r#""half_open_probes": 1001"#,
                 "breakers[0].half_open_probes",
                 "1 to 1000",
+            ),
+            (
+                r#""max_instances": 0"#,
+                "breakers[0].max_instances",
+                "1 to 65536",
+            ),
+            (
+                r#""max_instances": 65537"#,
+                "breakers[0].max_instances",
+                "1 to 65536",
             ),
             (
                 r#""probe_timeout": "0ms""#,

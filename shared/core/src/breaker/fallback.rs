@@ -14,7 +14,9 @@
 //!
 //! Headers that belong to one connection or one client are not kept: pseudo-headers,
 //! hop-by-hop headers, `content-length` (the host recomputes it), `set-cookie` (another client
-//! must not receive it), `age` and the fallback header itself (both set when serving).
+//! must not receive it), `x-envoy-*` (they describe one trip through the proxy, such as
+//! `x-envoy-upstream-service-time`), `age` and the fallback header itself (both set when
+//! serving).
 //!
 //! # Entry layout, version 1
 //!
@@ -206,7 +208,10 @@ impl FallbackPolicy {
 }
 
 fn replayable(name: &str) -> bool {
+    // `x-envoy-*` response headers describe one trip through the proxy
+    // (`x-envoy-upstream-service-time`), not the response.
     !name.starts_with(':')
+        && !name.starts_with("x-envoy-")
         && !matches!(
             name,
             "connection"
@@ -417,6 +422,7 @@ mod tests {
             ("set-cookie", "sid=secret"),
             ("content-length", "7"),
             ("connection", "close"),
+            ("x-envoy-upstream-service-time", "3"),
             ("etag", "\"v1\""),
         ];
         let e = f

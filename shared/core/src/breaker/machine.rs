@@ -186,6 +186,17 @@ impl BreakerPolicy {
     /// (`None` or undecodable: a fresh closed breaker). Returns the state to write back, if it
     /// changed, and the decision. Use it as the `change` closure of `store::update`.
     pub fn admit(&self, state: Option<&[u8]>, now: Instant) -> (Option<Vec<u8>>, Decision) {
+        self.admit_with(state, || now)
+    }
+
+    /// [`BreakerPolicy::admit`] that asks for the time only when it needs it: a closed breaker
+    /// (the common case) and the `disabled` and `forced_open` modes decide without it, which
+    /// spares the glue a host call per request.
+    pub fn admit_with(
+        &self,
+        state: Option<&[u8]>,
+        now: impl FnOnce() -> Instant,
+    ) -> (Option<Vec<u8>>, Decision) {
         match self.mode {
             Mode::Disabled => return (None, Decision::new(Admission::Allow, None)),
             Mode::ForcedOpen => {
@@ -203,6 +214,7 @@ impl BreakerPolicy {
         {
             return (None, Decision::new(Admission::Allow, None));
         }
+        let now = now();
         let mut s = self.load(state, now);
         let mut changed = false;
         let mut transition = None;
@@ -263,6 +275,13 @@ impl BreakerPolicy {
             }
         }
         (changed.then(|| s.encode()), decision)
+    }
+
+    /// The encoded state of a fresh closed breaker as of `now`: what the glue writes under a
+    /// key that does not exist yet, before traffic, so that every later write is an exact
+    /// compare-and-swap (Envoy's shared data has no "create if absent").
+    pub fn initial_state(&self, now: Instant) -> Vec<u8> {
+        BreakerState::closed(self.buckets, self.bucket_width, now).encode()
     }
 
     /// Records the outcome of a call admitted earlier (`probe`: the ticket if it was admitted
@@ -791,6 +810,31 @@ mod tests {
             let (new, d) = b.policy.admit(Some(junk), b.now);
             assert_eq!((new, d.admission), (None, Admission::Allow), "{junk:?}");
         }
+        // Nor does it need the time.
+        let no_clock = || -> Instant { panic!("a closed breaker asked for the time") };
+        let (new, d) = b.policy.admit_with(b.state.as_deref(), no_clock);
+        assert_eq!((new, d.admission), (None, Admission::Allow));
+        let mut open = Bench::new(r#""min_calls": 1"#);
+        open.record(F);
+        let mut asked = false;
+        let (_, d) = open.policy.admit_with(open.state.as_deref(), || {
+            asked = true;
+            open.now
+        });
+        assert!(asked && matches!(d.admission, Admission::Reject { .. }));
+    }
+
+    #[test]
+    fn the_initial_state_is_a_closed_breaker_with_this_window() {
+        let mut b = Bench::new(r#""min_calls": 1, "window": "5s", "buckets": 5"#);
+        b.state = Some(b.policy.initial_state(b.now));
+        let s = b.state();
+        assert_eq!(s.phase(), Phase::Closed);
+        assert_eq!(s.window().buckets().len(), 5);
+        assert_eq!(s.window().totals(), Totals::default());
+        let (new, d) = b.policy.admit(b.state.as_deref(), b.now);
+        assert_eq!((new, d.admission), (None, Admission::Allow));
+        assert_eq!(b.record(F).unwrap().to, Phase::Open);
     }
 
     #[test]

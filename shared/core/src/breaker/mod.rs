@@ -13,14 +13,19 @@
 //!
 //! 1. At load: parse the JSON into [`BreakersConfig`], then `Breakers::try_from(&config)`.
 //!    Errors name the field path (`breakers[0].failure_rate: must be in (0, 1], got 1.5`).
+//!    Create a scope-`policy` key that does not exist yet with
+//!    [`BreakerPolicy::initial_state`], so that every later write is a compare-and-swap.
 //! 2. On request headers: pick the policy with [`Breakers::for_route`] and the shared-data key
-//!    with [`BreakerPolicy::state_key`], then
-//!    `store::update(store, &key, attempts, |s| policy.admit(s, now))` gives a [`Decision`]:
+//!    with [`BreakerPolicy::state_key`] (for scopes `cluster` and `host`, track at most
+//!    [`BreakerPolicy::max_instances`] instances), then
+//!    `store::update(store, &key, attempts, |s| policy.admit(s, now))` gives a [`Decision`]
+//!    ([`BreakerPolicy::admit_with`] reads the clock only when the breaker is not closed):
 //!    forward ([`Admission::Allow`]), forward as a probe and keep its [`ProbeTicket`]
 //!    ([`Admission::Probe`]), or answer locally ([`Admission::Reject`]): with a fresh fallback
 //!    ([`FallbackPolicy::lookup`], [`BreakerPolicy::fallback_reply`]) for a `GET`, else with
 //!    [`BreakerPolicy::open_reply`]. The upstream receives nothing while open.
-//! 3. When the call ends: `policy.failure().classify(response, latency)` gives an
+//! 3. When the call ends: [`Response::from_envoy`] turns the status and Envoy's response
+//!    flags into a [`Response`], `policy.failure().classify(response, latency)` into an
 //!    [`Outcome`]; `store::update(.., |s| policy.record(s, now, outcome, ticket))` counts it.
 //!    A stream that ends without an outcome reports [`Response::Reset`] (the upstream gave no
 //!    response) or, if the client left first, [`Response::Cancelled`] (a probe's permit comes
@@ -42,6 +47,7 @@
 //! | `routes` | every route | Envoy route names; the first breaker listing a route guards it |
 //! | `mode` | `"normal"` | `"forced_open"` refuses all, `"disabled"` allows all, `"metrics_only"` runs the machine but allows all |
 //! | `scope` | `"policy"` | `"cluster"`: one breaker per upstream cluster; `"host"`: per upstream host |
+//! | `max_instances` | `1024` | 1..=65536; scopes `cluster` and `host`: instances one worker tracks, further ones pass unguarded |
 //! | `window` | `"10s"` | sliding window length |
 //! | `buckets` | `10` | window buckets, 1..=60, each at least 1 ms |
 //! | `failure_rate` | `0.5` | in (0, 1]; opens at or above it (resolution 10⁻⁶) |

@@ -8,6 +8,19 @@
 //! Invariants: classification is a pure function of its inputs; a call is slow only when a
 //! slow-call duration is configured and the latency is strictly above it (Resilience4j
 //! compares with `>`); a cancelled call is always ignored.
+//!
+//! # Reading Envoy
+//!
+//! Envoy answers for an upstream that did not: a connection refused or reset before response
+//! headers becomes its own `503`, a route timeout its own `504`, and the reason is in the
+//! stream's response flags (the `response.flags` property, an integer bit set). Checked in
+//! Envoy 1.40: a refused connection gives `503` with flag `UF` (`0x20`) and code details
+//! `upstream_reset_before_response_started{remote_connection_failure|...}`; a connection closed
+//! without an answer `503` with `UC` (`0x40`); a route timeout `504` with `UT` (`0x4`); an
+//! upstream's own answer has no flag and details `via_upstream`. [`Response::from_envoy`] reads
+//! the status and those flags, so that a `503` Envoy made up for a reset counts as a reset
+//! (`failure.resets`), not as a status (`failure.statuses`). The bit values are Envoy's legacy
+//! response flags, unchanged since they were introduced.
 
 use crate::time::Duration;
 
@@ -23,6 +36,38 @@ pub enum Response {
     Timeout,
     /// The downstream client went away first: no evidence about the upstream either way.
     Cancelled,
+}
+
+/// Envoy response flags (`response.flags`) that mean the upstream gave no answer of its own.
+/// `UH` no healthy upstream, `LR` local reset, `UR` upstream remote reset, `UF` connection
+/// failure, `UC` connection termination, `UO` upstream overflow (Envoy's own circuit breaker),
+/// `UPE` upstream protocol error, `DF` DNS resolution failure.
+const ENVOY_NO_ANSWER: u64 = 0x2 | 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x80_0000 | 0x400_0000;
+/// `UT` upstream request timeout, `UMSDR` upstream max stream duration reached.
+const ENVOY_TIMEOUT: u64 = 0x4 | 0x8_0000;
+/// `DC` downstream connection termination: the client went away.
+const ENVOY_CLIENT_GONE: u64 = 0x4000;
+
+impl Response {
+    /// How a call ended, from what Envoy tells the filter: the `:status` of the response
+    /// headers (`None` when the stream ended without any) and the stream's response flags
+    /// (`0` when the host has none).
+    ///
+    /// A timeout flag wins, then a reset flag, then the client leaving; with no flag the
+    /// status stands. `URX` (retry limit reached) alone is not a reset: the status is the
+    /// upstream's last answer. A stream that ended without response headers and without a flag
+    /// is a reset: the upstream gave no answer.
+    pub fn from_envoy(status: Option<u16>, flags: u64) -> Response {
+        if flags & ENVOY_TIMEOUT != 0 {
+            Response::Timeout
+        } else if flags & ENVOY_NO_ANSWER != 0 {
+            Response::Reset
+        } else if flags & ENVOY_CLIENT_GONE != 0 {
+            Response::Cancelled
+        } else {
+            status.map_or(Response::Reset, Response::Status)
+        }
+    }
 }
 
 /// The verdict on one call, as the window counts it.
@@ -200,6 +245,44 @@ mod tests {
         assert_eq!(p.classify(Response::Timeout, z), Outcome::Success);
         assert_eq!(p.classify(Response::Status(500), z), Outcome::Success);
         assert_eq!(p.classify(Response::Status(503), z), Outcome::Failure);
+    }
+
+    #[test]
+    fn envoy_flags_say_who_answered() {
+        // Values read from Envoy 1.40 (see the module docs).
+        let uf = 0x20;
+        let uc = 0x40;
+        let ut = 0x4;
+        let dc = 0x4000;
+        let urx = 0x8000;
+        assert_eq!(Response::from_envoy(Some(200), 0), Response::Status(200));
+        assert_eq!(Response::from_envoy(Some(503), 0), Response::Status(503));
+        assert_eq!(Response::from_envoy(Some(503), uf), Response::Reset);
+        assert_eq!(Response::from_envoy(Some(503), uc), Response::Reset);
+        assert_eq!(Response::from_envoy(Some(504), ut), Response::Timeout);
+        assert_eq!(Response::from_envoy(Some(503), urx), Response::Status(503));
+        assert_eq!(Response::from_envoy(Some(503), urx | uf), Response::Reset);
+        assert_eq!(Response::from_envoy(None, 0), Response::Reset);
+        assert_eq!(Response::from_envoy(None, dc), Response::Cancelled);
+        assert_eq!(Response::from_envoy(None, dc | ut), Response::Timeout);
+        assert_eq!(Response::from_envoy(None, uf), Response::Reset);
+        // A `503` Envoy made up for a refused connection is not a status failure when only
+        // `500` is configured, but it is a reset.
+        let mut statuses = StatusSet::EMPTY;
+        statuses.insert(500);
+        let p = FailurePolicy {
+            statuses,
+            ..FailurePolicy::default()
+        };
+        let z = Duration::ZERO;
+        assert_eq!(
+            p.classify(Response::from_envoy(Some(503), 0), z),
+            Outcome::Success
+        );
+        assert_eq!(
+            p.classify(Response::from_envoy(Some(503), uf), z),
+            Outcome::Failure
+        );
     }
 
     #[test]
