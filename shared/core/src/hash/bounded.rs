@@ -15,8 +15,10 @@
 //! differently at the boundary).
 //!
 //! In-flight counts must be process-wide for the bound to mean anything, so they live in shared
-//! data as an [`InFlight`] table, changed with [`acquire`] when a request is sent to an endpoint
-//! and [`release`] when its stream ends.
+//! data as an [`InFlight`] table. [`pick_and_acquire`] reads the table, picks with its loads and
+//! counts the request in one compare-and-swap, so two workers cannot both take an endpoint's
+//! last unit of room; [`release`] counts it out when its stream ends ([`acquire`] counts a
+//! request in without picking).
 //!
 //! # Shared-data layout: `keel/picker/<picker>/in_flight`
 //!
@@ -35,7 +37,8 @@
 
 use alloc::vec::Vec;
 
-use super::{hash_key, Endpoint};
+use super::picker::Picker;
+use super::{hash_key, Endpoint, Pick};
 use crate::codec::{Reader, Writer};
 use crate::store::{update, SharedStore, UpdateError};
 
@@ -159,6 +162,45 @@ impl InFlight {
     }
 }
 
+/// A pick under bounded loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BoundedPick {
+    /// The endpoint picked; for [`Pick::Host`] one request was counted in flight to it.
+    pub pick: Pick,
+    /// Whether the key's own endpoint was full and the key passed on to another.
+    pub spilled: bool,
+}
+
+/// Picks the endpoint of key hash `hash` with the loads of the in-flight table under `key`,
+/// and counts the request in flight to it, in one compare-and-swap loop: every worker sees the
+/// counts the others acquired. The caller must [`release`] the picked address when the request
+/// ends. [`Pick::NoHost`] writes nothing.
+pub fn pick_and_acquire<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    picker: &Picker,
+    hash: u64,
+    attempts: u32,
+) -> Result<BoundedPick, UpdateError> {
+    let pick = update(store, key, attempts, |old| {
+        let mut table = old.and_then(InFlight::decode).unwrap_or_default();
+        let loads = table.loads(picker.endpoints().iter());
+        let pick = picker.pick_hash(hash, &loads);
+        let write = match pick {
+            Pick::Host(i) => picker.endpoints().get(i).map(|e| {
+                table.add(&e.address);
+                table.encode()
+            }),
+            Pick::NoHost => None,
+        };
+        (write, pick)
+    })?;
+    Ok(BoundedPick {
+        pick,
+        spilled: pick != Pick::NoHost && pick != picker.pick_hash(hash, &[]),
+    })
+}
+
 /// Counts one more request in flight to `address` in the table under `key`.
 pub fn acquire<S: SharedStore + ?Sized>(
     store: &S,
@@ -253,6 +295,69 @@ mod tests {
         assert_eq!(t.entries.len(), 1);
         let eps = [Endpoint::new("10.0.0.1:80"), Endpoint::new("10.0.0.2:80")];
         assert_eq!(t.loads(eps.iter()), vec![2, 0]);
+    }
+
+    #[test]
+    fn pick_and_acquire_counts_the_pick_and_spills_from_a_full_endpoint() {
+        use crate::hash::{Algorithm, PickerOptions, RingParams};
+        let store = MemoryStore::default();
+        let key = "keel/picker/users/in_flight";
+        let eps: Vec<Endpoint> = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+            .into_iter()
+            .map(Endpoint::new)
+            .collect();
+        let options = PickerOptions {
+            balance_factor: BalanceFactor::new(1.0),
+            ..PickerOptions::default()
+        };
+        let picker = Picker::new(Algorithm::Ring(RingParams::default()), options, &eps);
+        let hot = hash_key(b"hot");
+        let Pick::Host(home) = picker.pick_hash(hot, &[]) else {
+            panic!("no host");
+        };
+        // Factor 1.0 over 3 endpoints: the home takes the first request, then it is full
+        // (1 of ceil(2/3) = 1) and the next two go elsewhere, one each.
+        let first = pick_and_acquire(&store, key, &picker, hot, 4).unwrap();
+        assert_eq!(
+            first,
+            BoundedPick {
+                pick: Pick::Host(home),
+                spilled: false
+            }
+        );
+        let mut others = Vec::new();
+        for _ in 0..2 {
+            let next = pick_and_acquire(&store, key, &picker, hot, 4).unwrap();
+            assert!(next.spilled);
+            let Pick::Host(i) = next.pick else {
+                panic!("no host");
+            };
+            others.push(i);
+        }
+        others.sort_unstable();
+        others.dedup();
+        assert_eq!(others.len(), 2, "each spill found an endpoint with room");
+        let (bytes, _) = store.get(key).unwrap().unwrap();
+        let table = InFlight::decode(&bytes).unwrap();
+        assert_eq!(table.loads(eps.iter()), vec![1, 1, 1]);
+        // Released, the key is back home.
+        for e in &eps {
+            release(&store, key, &e.address, 4).unwrap();
+        }
+        let again = pick_and_acquire(&store, key, &picker, hot, 4).unwrap();
+        assert_eq!(again.pick, Pick::Host(home));
+        // Nothing to pick: nothing written.
+        let empty = Picker::new(Algorithm::Ring(RingParams::default()), options, &[]);
+        let before = store.get(key).unwrap();
+        let none = pick_and_acquire(&store, key, &empty, hot, 4).unwrap();
+        assert_eq!(
+            none,
+            BoundedPick {
+                pick: Pick::NoHost,
+                spilled: false
+            }
+        );
+        assert_eq!(store.get(key).unwrap(), before);
     }
 
     #[test]

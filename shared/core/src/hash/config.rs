@@ -24,6 +24,7 @@
 //! | `header` | the header set in `original_dst` mode | `x-envoy-original-dst-host` |
 //! | `cluster_header` | the header set to the endpoint's cluster name in `cluster_header` mode | required there |
 //! | `cookie` | `{"name": "sid", "ttl": "1h"}`: when the key's cookie is absent, generate one and set it | off |
+//! | `endpoint_header` | request header that also records the picked endpoint's `ip:port` | `x-keel-endpoint` in `cluster_header` mode; none in `original_dst` mode, whose header already holds the address |
 //!
 //! An endpoint's `cluster` (only in `cluster_header` mode) names the Envoy cluster serving it;
 //! it defaults to the address, so a cluster named `"127.0.0.1:18091"` serves that endpoint.
@@ -52,6 +53,12 @@ use crate::time::Duration;
 
 /// The header Envoy's `ORIGINAL_DST` cluster reads (with `use_http_header: true`).
 pub const DEFAULT_HEADER: &str = "x-envoy-original-dst-host";
+/// The request header that records the picked endpoint's address (`ip:port`) in
+/// `cluster_header` mode, where the routing header holds a cluster name, for the filters after
+/// the picker (a per-host breaker) and for the upstream. In `original_dst` mode the routing
+/// header already holds the address, so none is set unless configured (one header write less
+/// per request).
+pub const DEFAULT_ENDPOINT_HEADER: &str = "x-keel-endpoint";
 
 /// The filter's JSON: `{"pickers": [...]}`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -105,6 +112,9 @@ pub struct PickerSpec {
     /// Sticky cookie generation.
     #[serde(default)]
     pub cookie: Option<CookieSpec>,
+    /// Header that records the picked endpoint.
+    #[serde(default)]
+    pub endpoint_header: Option<String>,
 }
 
 /// `"header:x-user"` or `["header:x-user", "cookie:sid"]`.
@@ -312,6 +322,9 @@ pub struct PickerConfig {
     pub target: Target,
     /// Sticky cookie generation, if configured.
     pub cookie: Option<StickyCookie>,
+    /// A request header set to the picked endpoint's address besides the routing header,
+    /// lower case; see [`DEFAULT_ENDPOINT_HEADER`].
+    pub endpoint_header: Option<String>,
 }
 
 impl PickerConfig {
@@ -328,20 +341,21 @@ impl PickerConfig {
         }
     }
 
-    /// The key hash of a request: `read` gives the value of each selector in the request (or
-    /// `None` when absent), and the parts combine as [`KeyHash`] does. When the sticky cookie's
-    /// selector is absent, a fresh cookie value stands in for it and comes back as the
-    /// `set-cookie` value to add to the response, so the client's next requests carry it.
-    pub fn request_key(
+    /// The key hash of a request: `read` gives the value of each selector in the request as
+    /// bytes (or `None` when absent), and the parts combine as [`KeyHash`] does. When the
+    /// sticky cookie's selector is absent, a fresh cookie value stands in for it and comes back
+    /// as the `set-cookie` value to add to the response, so the client's next requests carry
+    /// it.
+    pub fn request_key<V: AsRef<[u8]>>(
         &self,
-        mut read: impl FnMut(&Selector) -> Option<String>,
+        mut read: impl FnMut(&Selector) -> Option<V>,
         rng: &mut impl Rng,
     ) -> RequestKey {
         let mut key = KeyHash::new();
         let mut set_cookie = None;
         for selector in &self.key {
             if let Some(value) = read(selector) {
-                key.add(Some(value.as_bytes()));
+                key.add(Some(value.as_ref()));
                 continue;
             }
             if let (Selector::Cookie(name), Some(cookie)) = (selector, &self.cookie) {
@@ -542,6 +556,18 @@ fn validate_picker(path: &FieldPath, spec: &PickerSpec) -> Result<PickerConfig, 
         }
     };
 
+    let endpoint_header = match (&spec.endpoint_header, &target) {
+        (Some(h), _) => Some(validate_header(&path.field("endpoint_header"), h)?),
+        (None, Target::ClusterHeader { .. }) => Some(DEFAULT_ENDPOINT_HEADER.to_string()),
+        (None, Target::OriginalDst { .. }) => None,
+    };
+    if endpoint_header.as_deref() == Some(target.header()) {
+        return Err(path.field("endpoint_header").error(format!(
+            "\"{}\" is already the header that routes the request; choose another name",
+            target.header()
+        )));
+    }
+
     let cookie = match &spec.cookie {
         None => None,
         Some(c) => {
@@ -592,6 +618,7 @@ fn validate_picker(path: &FieldPath, spec: &PickerSpec) -> Result<PickerConfig, 
         routes,
         target,
         cookie,
+        endpoint_header,
     })
 }
 
@@ -743,6 +770,10 @@ mod tests {
         assert_eq!(p.target.header(), "x-envoy-original-dst-host");
         assert_eq!(p.routes, None);
         assert_eq!(p.cookie, None);
+        assert_eq!(
+            p.endpoint_header, None,
+            "the routing header holds the address"
+        );
         assert_eq!(p.in_flight_key(), "keel/picker/users/in_flight");
         let EndpointSource::Static(eps) = &p.source else {
             panic!("static endpoints expected");
@@ -785,6 +816,7 @@ mod tests {
         assert_eq!(p.options.panic_threshold.get(), 0.3);
         assert_eq!(p.routes, Some(vec!["users".to_string()]));
         assert_eq!(p.target.header(), "x-keel-cluster");
+        assert_eq!(p.endpoint_header.as_deref(), Some("x-keel-endpoint"));
         let EndpointSource::Static(eps) = &p.source else {
             panic!("static endpoints expected");
         };
@@ -832,8 +864,9 @@ mod tests {
             assert_eq!(c.pickers[0].algorithm, algorithm);
             assert!(c.pickers[0].key.is_empty());
         }
-        let h = from_json(&with(r#""header": "X-Dst""#)).unwrap();
+        let h = from_json(&with(r#""header": "X-Dst", "endpoint_header": "X-Picked""#)).unwrap();
         assert_eq!(h.pickers[0].target.header(), "x-dst");
+        assert_eq!(h.pickers[0].endpoint_header.as_deref(), Some("x-picked"));
     }
 
     #[test]
@@ -925,6 +958,11 @@ mod tests {
                 "pickers[0].cookie.ttl",
             ),
             (r#""routes": [""]"#, "pickers[0].routes[0]"),
+            (
+                r#""endpoint_header": "x-envoy-original-dst-host""#,
+                "pickers[0].endpoint_header",
+            ),
+            (r#""endpoint_header": "a b""#, "pickers[0].endpoint_header"),
             (r#""name": "a/b""#, "pickers[0].name"),
         ];
         for (fields, path) in cases {
@@ -949,8 +987,8 @@ mod tests {
         let mut rng = SeededRng::new(9);
         let both = p.request_key(
             |s| match s {
-                Selector::Header(_) => Some("alice".into()),
-                Selector::Cookie(_) => Some("c1".into()),
+                Selector::Header(_) => Some(b"alice".to_vec()),
+                Selector::Cookie(_) => Some(b"c1".to_vec()),
                 _ => None,
             },
             &mut rng,
@@ -966,14 +1004,22 @@ mod tests {
             }
         );
         // No cookie yet: one is generated, used as the key part, and returned to be set.
-        let fresh = p.request_key(|_| None, &mut rng);
+        let fresh = p.request_key(|_| None::<&[u8]>, &mut rng);
         let set = fresh.set_cookie.unwrap();
         let value = set.strip_prefix("sid=").unwrap().split(';').next().unwrap();
         assert!(set.ends_with("; Max-Age=600; Path=/; HttpOnly"), "{set}");
         assert_eq!(fresh.hash, Some(hash_key(value.as_bytes())));
         // Without a cookie config an absent part is skipped, and no part means no key.
         let plain = from_json(MINIMAL).unwrap();
-        assert_eq!(plain.pickers[0].request_key(|_| None, &mut rng).hash, None);
+        assert_eq!(
+            plain.pickers[0]
+                .request_key(|_| None::<&[u8]>, &mut rng)
+                .hash,
+            None
+        );
+        // Values are bytes: a header that is not UTF-8 is still a key.
+        let raw = plain.pickers[0].request_key(|_| Some([0xff_u8, 0xfe]), &mut rng);
+        assert_eq!(raw.hash, Some(hash_key(&[0xff, 0xfe])));
     }
 
     #[test]

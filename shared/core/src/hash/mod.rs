@@ -13,20 +13,20 @@
 //! | [`balancer`] | round robin, smooth weighted round robin, least request (P2C) | nginx, Envoy, tower `p2c` |
 //! | [`select`] | health, panic threshold, priority levels with overprovisioning 1.4 | Envoy |
 //! | [`picker`] | an endpoint set split into levels, each with its ring, table or balancer | |
+//! | [`service`] | a picker following the endpoint set discovery publishes, rebuilt per version | |
 //! | [`config`] | the filter's JSON and its validation | |
 //!
 //! # What the glue does per request
 //!
 //! 1. [`config::PickerConfig::request_key`] with a closure that reads each selector from the
 //!    request: the key hash, and a `set-cookie` value when a sticky cookie was generated.
-//! 2. For bounded loads or least request, the in-flight counts from shared data
-//!    ([`bounded::InFlight`], key [`config::PickerConfig::in_flight_key`]) in the order of
-//!    [`Picker::endpoints`].
-//! 3. [`Picker::pick`] gives a [`Pick`]; for [`Pick::Host`] the glue sets
-//!    [`config::Target::header`] to [`config::Target::value`] of that endpoint, and counts the
-//!    request in flight ([`bounded::acquire`], then [`bounded::release`] when it ends).
-//! 4. For a `service` source, when discovery publishes a new endpoint set the glue calls
-//!    [`Picker::update`].
+//! 2. For a `service` source, [`service::ServiceMirror::sync`]: one read of the version stamp,
+//!    and a [`Picker::update`] only when discovery published a new endpoint set.
+//! 3. [`Picker::pick`] gives a [`Pick`] (with bounded loads,
+//!    [`bounded::pick_and_acquire`] picks with the process-wide in-flight counts, key
+//!    [`config::PickerConfig::in_flight_key`], and counts the request in flight in one
+//!    compare-and-swap; [`bounded::release`] when it ends). For [`Pick::Host`] the glue sets
+//!    [`config::Target::header`] to [`config::Target::value`] of that endpoint.
 //!
 //! # The hash
 //!
@@ -71,12 +71,14 @@ pub mod maglev;
 pub mod picker;
 pub mod ring;
 pub mod select;
+pub mod service;
 
-pub use bounded::{BalanceFactor, InFlight};
+pub use bounded::{BalanceFactor, BoundedPick, InFlight};
 pub use maglev::{MaglevTable, TableSize};
 pub use picker::{Algorithm, Picker, PickerOptions};
 pub use ring::{Ring, RingParams};
 pub use select::{PanicThreshold, PriorityLoad};
+pub use service::{MirrorOutcome, ServiceMirror};
 
 use xxhash_rust::xxh64::{xxh64, Xxh64};
 

@@ -126,11 +126,13 @@ impl Picker {
     }
 
     /// Replaces the endpoint set. Levels whose addresses and weights are unchanged keep their
-    /// ring or table (only health is taken from `endpoints`); the others are rebuilt.
-    pub fn update(&mut self, endpoints: &[Endpoint]) {
+    /// ring or table (only health is taken from `endpoints`); the others are rebuilt. Returns
+    /// how many levels were built afresh (0 when only health changed).
+    pub fn update(&mut self, endpoints: &[Endpoint]) -> usize {
         let endpoints = canonical(endpoints);
         let mut old_levels = core::mem::take(&mut self.levels);
         let mut levels = Vec::new();
+        let mut built = 0;
         let mut start = 0;
         while let Some(first) = endpoints.get(start) {
             let priority = first.priority;
@@ -148,6 +150,7 @@ impl Picker {
             let level = match reused {
                 Some(old) => Level { start, ..old },
                 None => {
+                    built += 1;
                     let pairs: Vec<(&str, u32)> = members
                         .iter()
                         .map(|e| (e.address.as_str(), e.weight))
@@ -169,6 +172,7 @@ impl Picker {
         self.endpoints = endpoints;
         self.levels = levels;
         self.recompute_load();
+        built
     }
 
     /// Whether `level` (of the current endpoint list) has exactly the addresses and weights of
@@ -208,6 +212,20 @@ impl Picker {
             })
             .collect();
         self.load = PriorityLoad::compute(&health, self.options.panic_threshold);
+    }
+
+    /// Whether the level of the endpoint at index `i` (of [`Picker::endpoints`]) is in panic:
+    /// a pick there may have gone to an unhealthy endpoint.
+    pub fn in_panic_at(&self, i: usize) -> bool {
+        self.levels
+            .iter()
+            .position(|l| (l.start..l.start + l.len).contains(&i))
+            .is_some_and(|li| self.load.in_panic(li))
+    }
+
+    /// Whether any level is in panic.
+    pub fn any_in_panic(&self) -> bool {
+        (0..self.levels.len()).any(|li| self.load.in_panic(li))
     }
 
     /// The current share of picks per priority level, in priority order.
@@ -393,6 +411,7 @@ mod tests {
         }
         let picker = Picker::new(ring(), PickerOptions::default(), &eps);
         assert!(picker.priority_load().in_panic(0));
+        assert!(picker.any_in_panic() && picker.in_panic_at(9) && !picker.in_panic_at(10));
         let mut used = [false; 10];
         for k in keys().into_iter().take(2000) {
             used[host(picker.pick_hash(k, &[]))] = true;
@@ -524,13 +543,16 @@ mod tests {
             .take(1000)
             .map(|k| host(picker.pick_hash(k, &[])))
             .collect();
+        // Health alone rebuilds nothing.
         eps[1].healthy = false;
+        assert_eq!(picker.update(&eps), 0);
+        assert!(!picker.endpoints()[1].healthy);
         eps[1].healthy = true;
         eps.push(Endpoint {
             priority: 1,
             ..Endpoint::new("10.9.9.9:80")
         });
-        picker.update(&eps);
+        assert_eq!(picker.update(&eps), 1, "only priority 1 is rebuilt");
         assert_eq!(picker.endpoints().len(), 5);
         let after: Vec<usize> = keys()
             .into_iter()
