@@ -124,6 +124,31 @@ SCENARIOS = [
         target=1.15,
         wasm_opt=True,
     ),
+    Scenario(
+        "keel-circuit-breaker",
+        "keel-circuit-breaker.yaml",
+        "Keel's circuit breaker (keel_circuit_breaker.wasm), the minimal config, closed",
+        module="dist/keel_circuit_breaker.wasm",
+        filters=("keel.circuit_breaker",),
+        per_request_counters=("circuit_breaker.orders.calls",),
+        target=1.15,
+    ),
+    Scenario(
+        "keel-retry",
+        "keel-retry.yaml",
+        "Keel's retry filter (keel_retry.wasm), the minimal config, a request that needs no retry",
+        module="dist/keel_retry.wasm",
+        filters=("keel.retry",),
+        per_request_counters=("retry.default.requests",),
+    ),
+    Scenario(
+        "keel-picker",
+        "keel-picker.yaml",
+        "Keel's picker (keel_picker.wasm), the minimal config (ring of 3, keyed on x-api-key)",
+        module="dist/keel_picker.wasm",
+        filters=("keel.picker",),
+        target=1.15,
+    ),
 ]
 
 
