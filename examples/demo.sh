@@ -28,7 +28,7 @@ for port in 10000 9901 18080; do
 done
 
 say "Starting the upstream (127.0.0.1:18080) and Envoy with envoy/rate-limit.yaml"
-cargo build -q --release -p keel-host-tests --bin keel-upstream
+cargo build -q --release -p keel-upstream
 target/release/keel-upstream --name backend --port 18080 >"$WORK/upstream.log" 2>&1 &
 pids+=($!)
 "$ENVOY" -c envoy/rate-limit.yaml --concurrency 2 --disable-hot-restart --log-path "$WORK/envoy.log" &

@@ -10,7 +10,7 @@
 pub mod envoy;
 pub mod etcd;
 pub mod harness;
-pub mod upstream;
+pub use keel_upstream as upstream;
 
 use std::path::PathBuf;
 

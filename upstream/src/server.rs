@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
-use super::{control, Mode, Received, Shared, State, IDENTITY_CAPACITY, LOG_CAPACITY};
+use crate::{control, Mode, Received, Shared, State, IDENTITY_CAPACITY, LOG_CAPACITY};
 use keel_core::rand::Rng as _;
 
 /// The largest request body read (a larger one is cut short and still answered).

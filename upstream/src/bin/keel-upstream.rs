@@ -8,13 +8,13 @@
 //! `200`, and fails a fraction `--fail-rate` of requests with `--status`. It prints one line
 //! when it is ready. A running process is switched over HTTP on the same port, e.g.
 //! `curl -XPOST localhost:18091/__keel/mode -d '{"mode":"fail","status":503}'` and
-//! `curl localhost:18091/__keel/stats` (see `keel_host_tests::upstream::control`).
+//! `curl localhost:18091/__keel/stats` (see `keel_upstream::control`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::thread;
 
-use keel_host_tests::upstream::{Mode, Upstream};
+use keel_upstream::{Mode, Upstream};
 
 const USAGE: &str = "usage: keel-upstream --name NAME --port PORT [--bind ADDRESS] \
                      [--fail-rate RATE] [--status STATUS]";

@@ -22,8 +22,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-use super::server::{reply, Reply};
-use super::{Mode, Shared};
+use crate::server::{reply, Reply};
+use crate::{Mode, Shared};
 
 /// Answers a request under `/__keel/`.
 pub(crate) fn handle(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Reply {
