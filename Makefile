@@ -17,6 +17,8 @@ ENVOY_VERSION := 1.40.0
 VENV := .venv
 ENVOY := $(VENV)/envoy
 WASM_TARGET := wasm32-wasip1
+# Where cargo writes: honours CARGO_TARGET_DIR like cargo does.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # Every cdylib of the workspace, as cargo package names; each lands in dist/keel_<name>.wasm.
 MODULES := keel-rate-limit keel-circuit-breaker keel-retry keel-picker keel-discovery keel-empty keel-abi-probe
 # Crates that compile to wasm (checked by clippy for wasm32 too).
@@ -67,9 +69,9 @@ build:
 	@for m in $(MODULES); do \
 	  f=$$(echo $$m | tr - _); \
 	  if command -v wasm-opt >/dev/null; then \
-	    wasm-opt -Oz $(WASM_OPT_FEATURES) target/$(WASM_TARGET)/release/$$f.wasm -o dist/$$f.wasm; \
+	    wasm-opt -Oz $(WASM_OPT_FEATURES) $(TARGET_DIR)/$(WASM_TARGET)/release/$$f.wasm -o dist/$$f.wasm; \
 	  else \
-	    cp target/$(WASM_TARGET)/release/$$f.wasm dist/$$f.wasm; \
+	    cp $(TARGET_DIR)/$(WASM_TARGET)/release/$$f.wasm dist/$$f.wasm; \
 	  fi; \
 	  printf '  dist/%-28s %7d bytes\n' $$f.wasm $$(stat -c %s dist/$$f.wasm); \
 	done
@@ -98,7 +100,7 @@ bench: setup build
 	$(PYTHON) bench/envoy_bench.py
 
 demo: setup build
-	bash examples/demo.sh
+	TARGET_DIR=$(TARGET_DIR) bash examples/demo.sh
 
 clean:
 	rm -rf dist target demo-report

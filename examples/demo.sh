@@ -29,7 +29,7 @@ done
 
 say "Starting the upstream (127.0.0.1:18080) and Envoy with envoy/rate-limit.yaml"
 cargo build -q --release -p keel-upstream
-target/release/keel-upstream --name backend --port 18080 >"$WORK/upstream.log" 2>&1 &
+"${TARGET_DIR:-target}/release/keel-upstream" --name backend --port 18080 >"$WORK/upstream.log" 2>&1 &
 pids+=($!)
 "$ENVOY" -c envoy/rate-limit.yaml --concurrency 2 --disable-hot-restart --log-path "$WORK/envoy.log" &
 pids+=($!)
