@@ -125,6 +125,14 @@ SCENARIOS = [
         wasm_opt=True,
     ),
     Scenario(
+        "keel-rate-limit-no-headers",
+        "keel-rate-limit-no-headers.yaml",
+        "Keel's rate limiter as above with response_headers off: the RateLimit headers' share",
+        module="dist/keel_rate_limit.wasm",
+        filters=("keel.rate_limit",),
+        per_request_counters=("rate_limit.bench.allowed",),
+    ),
+    Scenario(
         "keel-circuit-breaker",
         "keel-circuit-breaker.yaml",
         "Keel's circuit breaker (keel_circuit_breaker.wasm), the minimal config, closed",

@@ -1,7 +1,7 @@
 //! The rate limiter in a real Envoy (`--concurrency 2`), with `envoy/rate-limit.yaml` as written.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use keel_host_tests::envoy::{Envoy, EnvoyConfig, Request, Response};
 use keel_host_tests::upstream::Upstream;
@@ -71,17 +71,19 @@ fn the_minimal_config_admits_the_burst_plus_the_refill_across_two_workers() {
         .unwrap()
         .starts_with("\"per-key\";r=0;t="));
 
-    // Envoy's own counters agree with what the clients saw.
-    assert_eq!(
+    // Envoy's own counters agree with what the clients saw, once the workers' ticks have
+    // flushed their batched counts (every 50 ms).
+    let counter = |name: &str, expected: usize| {
         envoy
-            .counter("wasmcustom.keel.rate_limit.per-key.allowed")
-            .unwrap() as usize,
+            .wait_for_counter(name, expected as u64, Duration::from_secs(5))
+            .unwrap() as usize
+    };
+    assert_eq!(
+        counter("wasmcustom.keel.rate_limit.per-key.allowed", ok),
         ok
     );
     assert_eq!(
-        envoy
-            .counter("wasmcustom.keel.rate_limit.per-key.limited")
-            .unwrap() as usize,
+        counter("wasmcustom.keel.rate_limit.per-key.limited", limited.len()),
         limited.len()
     );
 

@@ -6,15 +6,26 @@
 //! turns the decision into a continue, a 429, or a request parked until the root context's tick
 //! resumes it. Configuration reference: `docs/config/rate-limit.md`.
 //!
+//! Host calls are what a request costs in Envoy (each crosses the VM boundary), so an admitted
+//! request makes only the ones its decision needs: the time, the key's header (the route name
+//! only when a policy lists routes), the slot's read and compare-and-swap write, and the two
+//! `RateLimit` response headers when they are on. Counters are not written per request: each
+//! policy tallies them in the VM and the root context's tick adds the tallies to the host's
+//! counters every [`FLUSH`] (the tick runs only while there is something to flush or a request
+//! to resume). Everything a policy's headers and metrics need is computed when the
+//! configuration loads.
+//!
 //! Host capabilities: shared data (required: limits would be per worker without it), ticks and
-//! `set_effective_context` (only for `shaping`; without them a parked request would wait forever,
-//! so shaping is refused at configuration time on a host that cannot set a tick period).
+//! `set_effective_context` (for `shaping`; without them a parked request would wait forever,
+//! so the request is let through with a warning on a host that cannot set a tick period).
+//! Without ticks, counters are written to the host per request instead.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use keel_core::limit::headers::{self, push_decimal};
 use keel_core::limit::policy::{self, MissingKey, RateLimitPolicy, RateLimitSpec};
-use keel_core::limit::{headers, Decision, Limiter};
+use keel_core::limit::{fingerprint, Decision, Limiter};
 use keel_core::time::{Duration, Instant};
 use keel_proxy::metrics::Counter;
 use keel_proxy::reply::LocalReply;
@@ -27,69 +38,234 @@ use proxy_wasm::types::{Action, ContextType, LogLevel};
 const FILTER: &str = "rate-limit";
 /// How often a root context with parked requests wakes up to resume them.
 const TICK: std::time::Duration = std::time::Duration::from_millis(5);
+/// How long a counted request may wait before its count reaches the host's counters.
+const FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(RateLimitRoot::default()) });
 }}
 
+/// What a policy counts: `keel.rate_limit.<policy>.<what>`.
+#[derive(Clone, Copy)]
+enum Count {
+    Allowed = 0,
+    Limited = 1,
+    Delayed = 2,
+    FailedOpen = 3,
+}
+
+/// The metric names of [`Count`], in its order.
+const COUNTS: [&str; 4] = ["allowed", "limited", "delayed", "failed_open"];
+
+/// How a policy names one of its limiters to a client, computed once.
+struct Label {
+    /// `policy` or `policy.tier`: the name in the `RateLimit` headers.
+    name: String,
+    /// The `RateLimit-Policy` value.
+    policy: String,
+}
+
 /// A policy with what the glue needs beside it.
 struct Policy {
     rules: RateLimitPolicy,
     routes: RouteMatch,
     prefix: String,
-    allowed: Counter,
-    limited: Counter,
-    delayed: Counter,
-    failed_open: Counter,
+    /// One per limiter, by `RateLimitPolicy::limiter_index`.
+    labels: Vec<Label>,
+    counters: [Counter; 4],
+    /// Counts not yet added to `counters`.
+    pending: [Cell<u64>; 4],
 }
 
 impl Policy {
     fn new(rules: RateLimitPolicy) -> Policy {
-        let metric =
-            |what: &str| Counter::define(&format!("keel.rate_limit.{}.{what}", rules.name));
+        let metric = |what: &str| {
+            let mut name = String::with_capacity(24 + rules.name.len());
+            name.push_str("keel.rate_limit.");
+            name.push_str(&rules.name);
+            name.push('.');
+            name.push_str(what);
+            Counter::define(&name)
+        };
+        let labels = (0..rules.limiter_count())
+            .map(|i| {
+                let (tier, limiter) = rules.limiter_at(i);
+                let mut name = rules.name.clone();
+                if !tier.is_empty() {
+                    name.push('.');
+                    name.push_str(tier);
+                }
+                Label {
+                    policy: headers::policy(&name, &limiter.rate()),
+                    name,
+                }
+            })
+            .collect();
         Policy {
             routes: RouteMatch::new(rules.routes.clone()),
             prefix: rules.key_prefix(),
-            allowed: metric("allowed"),
-            limited: metric("limited"),
-            delayed: metric("delayed"),
-            failed_open: metric("failed_open"),
+            labels,
+            counters: COUNTS.map(metric),
+            pending: Default::default(),
             rules,
         }
     }
 
-    /// Applies one request of `key` in `tier` to this policy's table. `None` when the shared
-    /// data could not be updated: the policy fails open and counts it.
-    fn acquire(&self, limiter: &Limiter, tier: &str, key: &[u8], now: Instant) -> Option<Decision> {
+    /// Applies one request of `key` with the limiter at `index` to this policy's table. `None`
+    /// when the shared data could not be updated: the policy fails open and counts it.
+    fn acquire(
+        &self,
+        index: usize,
+        key: &[u8],
+        now: Instant,
+        ticker: &Ticker,
+    ) -> Option<(Decision, &Limiter)> {
+        let (tier, limiter) = self.rules.limiter_at(index);
         // The tier is part of the key: a client that changes plan starts a fresh bucket. The NUL
         // separator cannot appear in a header value.
-        let key = [tier.as_bytes(), b"\0", key].concat();
-        let rules = &self.rules;
-        let decision = rules.table.acquire(
+        let mut joined = Vec::with_capacity(tier.len() + 1 + key.len());
+        joined.extend_from_slice(tier.as_bytes());
+        joined.push(0);
+        joined.extend_from_slice(key);
+        let fp = fingerprint(&joined);
+        let decision = self.rules.table.acquire_fingerprint(
             &HostStore,
             &self.prefix,
             limiter,
-            &key,
+            fp,
             now,
             1,
-            rules.max_delay,
+            self.rules.max_delay,
             store::CAS_ATTEMPTS,
         );
-        if decision.is_err() {
-            self.failed_open.increment(1);
+        match decision {
+            Ok(decision) => Some((decision, limiter)),
+            Err(_) => {
+                self.count(Count::FailedOpen, ticker);
+                None
+            }
         }
-        decision.ok()
+    }
+
+    /// Counts one `what`, to be added to the host's counter by the next tick (at once on a
+    /// host without ticks).
+    fn count(&self, what: Count, ticker: &Ticker) {
+        let cell = &self.pending[what as usize];
+        cell.set(cell.get().saturating_add(1));
+        if !ticker.flush_soon() {
+            self.flush();
+        }
+    }
+
+    /// Adds the pending counts to the host's counters; whether there were any.
+    fn flush(&self) -> bool {
+        let mut any = false;
+        for (cell, counter) in self.pending.iter().zip(&self.counters) {
+            let n = cell.take();
+            if n > 0 {
+                counter.increment(n);
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// The label of the limiter at `index`.
+    fn label(&self, index: usize) -> Option<&Label> {
+        self.labels.get(index)
+    }
+}
+
+/// What the root context's tick is set to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Period {
+    /// No tick.
+    #[default]
+    Off,
+    /// Every [`FLUSH`]: counts to flush.
+    Flush,
+    /// Every [`TICK`]: requests parked.
+    Park,
+    /// The host refused a tick period.
+    Unavailable,
+}
+
+/// The root context's tick and the requests waiting for it, shared with its streams. It
+/// outlives a reconfiguration: requests parked under the old policies are still resumed.
+#[derive(Default)]
+struct Ticker {
+    period: Cell<Period>,
+    parked: RefCell<Vec<(u32, Instant)>>,
+}
+
+impl Ticker {
+    /// Makes sure a tick comes to flush counts; false when the host has no ticks.
+    fn flush_soon(&self) -> bool {
+        match self.period.get() {
+            Period::Flush | Period::Park => true,
+            Period::Unavailable => false,
+            Period::Off => self.set(Period::Flush),
+        }
+    }
+
+    /// Sets the tick `period`; false (and `Unavailable`) when the host refuses.
+    fn set(&self, period: Period) -> bool {
+        let every = match period {
+            Period::Flush => FLUSH,
+            Period::Park => TICK,
+            Period::Off | Period::Unavailable => std::time::Duration::ZERO,
+        };
+        let set = proxy_wasm::hostcalls::set_tick_period(every).is_ok();
+        self.period
+            .set(if set { period } else { Period::Unavailable });
+        set
+    }
+
+    /// Parks stream `context` until `until`; false when the host cannot tick to resume it.
+    fn park(&self, context: u32, until: Instant) -> bool {
+        if self.period.get() != Period::Park && !self.set(Period::Park) {
+            return false;
+        }
+        match self.parked.try_borrow_mut() {
+            Ok(mut parked) => {
+                parked.push((context, until));
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// The validated configuration with what the glue computed from it.
+#[derive(Default)]
+struct Policies {
+    list: Vec<Policy>,
+    /// Whether any policy lists routes: only then is the route name read.
+    by_route: bool,
+}
+
+impl Policies {
+    fn flush(&self) -> bool {
+        self.list.iter().fold(false, |any, p| p.flush() | any)
     }
 }
 
 #[derive(Default)]
 struct RateLimitRoot {
-    policies: Rc<Vec<Policy>>,
-    parked: Rc<RefCell<Vec<(u32, Instant)>>>,
+    policies: Rc<Policies>,
+    /// Configurations replaced while streams still hold them: their late counts are flushed
+    /// too, until the last of those streams is gone.
+    retired: Vec<Rc<Policies>>,
+    ticker: Rc<Ticker>,
 }
 
-impl Context for RateLimitRoot {}
+impl Context for RateLimitRoot {
+    fn on_done(&mut self) -> bool {
+        self.policies.flush();
+        true
+    }
+}
 
 impl RootContext for RateLimitRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -98,41 +274,67 @@ impl RootContext for RateLimitRoot {
         }) else {
             return false;
         };
-        self.policies = Rc::new(rules.into_iter().map(Policy::new).collect());
+        let list: Vec<Policy> = rules.into_iter().map(Policy::new).collect();
+        let by_route = list.iter().any(|p| p.rules.routes.is_some());
+        let replaced = std::mem::replace(&mut self.policies, Rc::new(Policies { list, by_route }));
+        replaced.flush();
+        if Rc::strong_count(&replaced) > 1 {
+            self.retired.push(replaced);
+        }
         // Create every slot before traffic: Envoy's shared data cannot create a key "only if
         // absent", so only writes to existing slots are exact compare-and-swaps.
-        for policy in self.policies.iter() {
+        let mut names = String::new();
+        for policy in &self.policies.list {
+            let name = &policy.rules.name;
             if let Err(e) = policy.rules.table.prepare(&HostStore, &policy.prefix) {
-                log::warn(FILTER, &format!("policy {}: could not create its slots in shared data ({e:?}); limits may be approximate", policy.rules.name));
+                log::warn(FILTER, &format!("policy {name}: could not create its slots in shared data ({e:?}); limits may be approximate"));
             }
+            if !names.is_empty() {
+                names.push_str(", ");
+            }
+            names.push_str(name);
         }
-        let names: Vec<&str> = self
-            .policies
-            .iter()
-            .map(|p| p.rules.name.as_str())
-            .collect();
-        log::info(
-            FILTER,
-            &format!("configured policies: {}", names.join(", ")),
-        );
+        names.insert_str(0, "configured policies: ");
+        log::info(FILTER, &names);
         true
     }
 
     fn on_tick(&mut self) {
-        let now = clock::now();
-        let mut parked = self.parked.borrow_mut();
-        parked.retain(|(context, resume_at)| {
-            if *resume_at > now {
-                return true;
-            }
-            // A stream that ended while parked is gone: the host refuses to switch to it.
-            if proxy_wasm::hostcalls::set_effective_context(*context).is_ok() {
-                let _ = proxy_wasm::hostcalls::resume_http_request();
-            }
-            false
+        let mut flushed = self.policies.flush();
+        self.retired.retain(|old| {
+            flushed |= old.flush();
+            Rc::strong_count(old) > 1
         });
-        if parked.is_empty() {
-            let _ = proxy_wasm::hostcalls::set_tick_period(std::time::Duration::ZERO);
+        let ticker = &self.ticker;
+        // Never borrowed elsewhere during a tick; were it, the parked requests wait a tick.
+        let Ok(mut parked) = ticker.parked.try_borrow_mut() else {
+            return;
+        };
+        if !parked.is_empty() {
+            let now = clock::now();
+            parked.retain(|(context, resume_at)| {
+                if *resume_at > now {
+                    return true;
+                }
+                // A stream that ended while parked is gone: the host refuses to switch to it.
+                if proxy_wasm::hostcalls::set_effective_context(*context).is_ok() {
+                    let _ = proxy_wasm::hostcalls::resume_http_request();
+                }
+                false
+            });
+        }
+        // Tick while there is something to do: parked requests, or counts coming in (a tick
+        // that found none stops the ticks until the next count).
+        let next = if !parked.is_empty() {
+            Period::Park
+        } else if flushed {
+            Period::Flush
+        } else {
+            Period::Off
+        };
+        drop(parked);
+        if next != ticker.period.get() {
+            ticker.set(next);
         }
     }
 
@@ -140,7 +342,7 @@ impl RootContext for RateLimitRoot {
         Some(Box::new(RateLimitStream {
             context_id,
             policies: Rc::clone(&self.policies),
-            parked: Rc::clone(&self.parked),
+            ticker: Rc::clone(&self.ticker),
             response_headers: Vec::new(),
         }))
     }
@@ -150,12 +352,20 @@ impl RootContext for RateLimitRoot {
     }
 }
 
+/// The `RateLimit` headers one policy owes the response, formatted only when it comes.
+struct Owed {
+    policy: usize,
+    label: usize,
+    remaining: u64,
+    reset: Duration,
+}
+
 struct RateLimitStream {
     context_id: u32,
-    policies: Rc<Vec<Policy>>,
-    parked: Rc<RefCell<Vec<(u32, Instant)>>>,
-    /// `RateLimit-Policy` and `RateLimit` values for the response, one per applied policy.
-    response_headers: Vec<(String, String)>,
+    policies: Rc<Policies>,
+    ticker: Rc<Ticker>,
+    /// One per applied policy that sends `RateLimit` headers.
+    response_headers: Vec<Owed>,
 }
 
 impl Context for RateLimitStream {}
@@ -163,14 +373,16 @@ impl Context for RateLimitStream {}
 impl HttpContext for RateLimitStream {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let now = clock::now();
+        let policies = Rc::clone(&self.policies);
+        let ticker = &*self.ticker;
         // Reading a property is one of the dearer host calls: only when a policy needs it.
-        let route = if self.policies.iter().any(|p| p.rules.routes.is_some()) {
+        let route = if policies.by_route {
             request::route_name()
         } else {
             None
         };
         let mut delay = Duration::ZERO;
-        for policy in self.policies.iter() {
+        for (at, policy) in policies.list.iter().enumerate() {
             if !policy.routes.matches(route.as_deref()) {
                 continue;
             }
@@ -183,98 +395,104 @@ impl HttpContext for RateLimitStream {
                     // header value, so no client can name this bucket.
                     MissingKey::Shared => b"\0missing".to_vec(),
                     MissingKey::Deny => {
-                        policy.limited.increment(1);
-                        deny(policy, "", None);
+                        policy.count(Count::Limited, ticker);
+                        deny(policy, None);
                         return Action::Pause;
                     }
                 },
             };
-            let tier_value = rules.tiers.as_ref().and_then(|t| request::key(&t.selector));
-            let (tier, limiter) = rules.limiter_for(tier_value.as_deref());
-            let label = label(&rules.name, tier);
-            let Some(decision) = policy.acquire(limiter, tier, &key, now) else {
+            let index = match &rules.tiers {
+                Some(tiers) => rules.limiter_index(request::key(&tiers.selector).as_deref()),
+                None => 0,
+            };
+            let Some((decision, limiter)) = policy.acquire(index, &key, now, ticker) else {
                 continue;
             };
-            let rate = limiter.rate();
-            match decision {
+            let (remaining, reset) = match decision {
                 Decision::Allow { remaining, reset } => {
-                    policy.allowed.increment(1);
-                    if rules.response_headers {
-                        self.response_headers
-                            .push(("ratelimit-policy".into(), headers::policy(&label, &rate)));
-                        self.response_headers.push((
-                            "ratelimit".into(),
-                            headers::remaining(&label, remaining, reset),
-                        ));
-                    }
+                    policy.count(Count::Allowed, ticker);
+                    (remaining, reset)
                 }
                 Decision::Delay { wait, reset } => {
-                    policy.delayed.increment(1);
+                    policy.count(Count::Delayed, ticker);
                     delay = delay.max(wait);
-                    if rules.response_headers {
-                        self.response_headers
-                            .push(("ratelimit-policy".into(), headers::policy(&label, &rate)));
-                        self.response_headers
-                            .push(("ratelimit".into(), headers::remaining(&label, 0, reset)));
-                    }
+                    (0, reset)
                 }
                 Decision::Deny { retry_after, reset } => {
-                    policy.limited.increment(1);
-                    deny(policy, &label, Some((retry_after, reset, &rate)));
+                    policy.count(Count::Limited, ticker);
+                    let label = policy.label(index);
+                    deny(policy, Some((label, limiter, retry_after, reset)));
                     return Action::Pause;
                 }
+            };
+            if rules.response_headers {
+                self.response_headers.push(Owed {
+                    policy: at,
+                    label: index,
+                    remaining,
+                    reset,
+                });
             }
         }
         if delay.is_zero() {
             return Action::Continue;
         }
-        let mut parked = self.parked.borrow_mut();
-        if parked.is_empty() && proxy_wasm::hostcalls::set_tick_period(TICK).is_err() {
+        if !ticker.park(self.context_id, now.saturating_add(delay)) {
             log::warn(
                 FILTER,
                 "the host cannot set a tick period; not delaying the request",
             );
             return Action::Continue;
         }
-        parked.push((self.context_id, now.saturating_add(delay)));
         Action::Pause
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        for (name, value) in &self.response_headers {
-            request::add_response_header(name, value);
+        for owed in &self.response_headers {
+            let Some(label) = self
+                .policies
+                .list
+                .get(owed.policy)
+                .and_then(|p| p.label(owed.label))
+            else {
+                continue;
+            };
+            request::add_response_header("ratelimit-policy", &label.policy);
+            request::add_response_header(
+                "ratelimit",
+                &rate_limit(&label.name, owed.remaining, owed.reset),
+            );
         }
         Action::Continue
     }
 }
 
-/// The name a client sees in the `RateLimit` headers: the policy, and its tier if any.
-fn label(policy: &str, tier: &str) -> String {
-    if tier.is_empty() {
-        policy.to_string()
-    } else {
-        format!("{policy}.{tier}")
-    }
+/// The `RateLimit` value of `label`: [`headers::remaining`].
+fn rate_limit(label: &str, remaining: u64, reset: Duration) -> String {
+    headers::remaining(label, remaining, reset)
 }
 
 /// Sends the policy's refusal. `limit` is absent when the request was refused for having no key.
-fn deny(
-    policy: &Policy,
-    label: &str,
-    limit: Option<(Duration, Duration, &keel_core::config::Rate)>,
-) {
+fn deny(policy: &Policy, limit: Option<(Option<&Label>, &Limiter, Duration, Duration)>) {
     let reply = &policy.rules.deny;
-    let mut headers_out: Vec<(String, String)> = vec![(
+    let mut headers_out: Vec<(String, String)> = Vec::with_capacity(4 + reply.headers.len());
+    headers_out.push((
         "content-type".to_string(),
         "text/plain; charset=utf-8".to_string(),
-    )];
-    if let Some((retry_after, reset, rate)) = limit {
-        headers_out.push((
-            "retry-after".into(),
-            headers::retry_after_secs(retry_after).to_string(),
-        ));
-        headers_out.push(("ratelimit-policy".into(), headers::policy(label, rate)));
-        headers_out.push(("ratelimit".into(), headers::remaining(label, 0, reset)));
+    ));
+    if let Some((label, limiter, retry_after, reset)) = limit {
+        let mut seconds = String::new();
+        push_decimal(&mut seconds, headers::retry_after_secs(retry_after));
+        headers_out.push(("retry-after".into(), seconds));
+        let (name, policy_value) = match label {
+            Some(label) => (label.name.as_str(), label.policy.clone()),
+            None => (
+                policy.rules.name.as_str(),
+                headers::policy(&policy.rules.name, &limiter.rate()),
+            ),
+        };
+        headers_out.push(("ratelimit-policy".into(), policy_value));
+        headers_out.push(("ratelimit".into(), rate_limit(name, 0, reset)));
     }
     headers_out.extend(reply.headers.iter().cloned());
     LocalReply {

@@ -12,10 +12,7 @@
 //!
 //! Layout (24 bytes): `start: u64`, `count: u64`, `seen: u64`.
 
-use alloc::vec::Vec;
-
-use super::{window_start, Meter};
-use crate::codec::{Reader, Writer};
+use super::{read_words, window_start, Meter, StateBytes};
 use crate::config::Rate;
 use crate::time::{Duration, Instant};
 
@@ -61,22 +58,12 @@ impl Meter for FixedWindow {
     type State = State;
 
     fn decode(&self, bytes: &[u8]) -> Option<State> {
-        let mut r = Reader::new(bytes);
-        let state = State {
-            start: r.u64()?,
-            count: r.u64()?,
-            seen: r.u64()?,
-        };
-        r.end()?;
-        Some(state)
+        let [start, count, seen] = read_words(bytes)?;
+        Some(State { start, count, seen })
     }
 
-    fn encode(&self, s: &State) -> Vec<u8> {
-        Writer::with_capacity(LEN)
-            .u64(s.start)
-            .u64(s.count)
-            .u64(s.seen)
-            .finish()
+    fn encode(&self, s: &State) -> StateBytes {
+        StateBytes::words([s.start, s.count, s.seen])
     }
 
     fn fresh(&self, now: Instant) -> State {

@@ -8,12 +8,12 @@
 //! bucket written as a time: the same arrivals get the same decisions, in one u64, which fits a
 //! single compare-and-swap.
 //!
+//! `T` and `limit` are computed once per [`super::Limiter`]; a check is then a few additions
+//! and comparisons, and `remaining` divides only when the key is more than one interval ahead.
+//!
 //! Layout (8 bytes): `tat: u64`.
 
-use alloc::vec::Vec;
-
-use super::Meter;
-use crate::codec::{Reader, Writer};
+use super::{read_words, Meter, StateBytes};
 use crate::config::Rate;
 use crate::time::{Duration, Instant};
 
@@ -26,39 +26,51 @@ pub(super) struct Gcra {
     /// `burst * t`: how far `tat` may run ahead of `now`.
     limit: u64,
     burst: u64,
+    /// Whether `limit` is exactly `burst * t` (it saturates at u64::MAX otherwise).
+    exact: bool,
 }
 
 impl Gcra {
-    pub(super) fn new(rate: &Rate) -> Self {
-        let t = rate.emission_interval().as_nanos().max(1);
+    /// The GCRA of `rate`, whose emission interval (`rate.emission_interval()`) is `t` ns.
+    pub(super) fn new(t: u64, rate: &Rate) -> Self {
+        let t = t.max(1);
         let burst = rate.burst.max(1);
+        let (limit, exact) = match t.checked_mul(burst) {
+            Some(limit) => (limit, true),
+            None => (u64::MAX, false),
+        };
         Gcra {
             t,
-            limit: t.saturating_mul(burst),
+            limit,
             burst,
+            exact,
         }
     }
 }
 
 impl Meter for Gcra {
+    // Every step is inlined into the decision (`run`): at the size-optimising opt-level the
+    // state would otherwise go through memory between a dozen small calls per check.
     /// The theoretical arrival time, in nanoseconds.
     type State = u64;
 
+    #[inline(always)]
     fn decode(&self, bytes: &[u8]) -> Option<u64> {
-        let mut r = Reader::new(bytes);
-        let tat = r.u64()?;
-        r.end()?;
+        let [tat] = read_words(bytes)?;
         Some(tat)
     }
 
-    fn encode(&self, tat: &u64) -> Vec<u8> {
-        Writer::with_capacity(LEN).u64(*tat).finish()
+    #[inline(always)]
+    fn encode(&self, tat: &u64) -> StateBytes {
+        StateBytes::words([*tat])
     }
 
+    #[inline(always)]
     fn fresh(&self, _now: Instant) -> u64 {
         0
     }
 
+    #[inline(always)]
     fn conform_at(&self, tat: &u64, now: Instant, cost: u64) -> Option<Instant> {
         if cost > self.burst {
             return None;
@@ -71,21 +83,36 @@ impl Meter for Gcra {
         Some(Instant::from_nanos(earliest.max(now.as_nanos())))
     }
 
+    #[inline(always)]
     fn book(&self, tat: &u64, at: Instant, _now: Instant, cost: u64) -> u64 {
         (*tat)
             .max(at.as_nanos())
             .saturating_add(cost.saturating_mul(self.t))
     }
 
+    #[inline(always)]
     fn remaining(&self, tat: &u64, now: Instant) -> u64 {
         let ahead = tat.saturating_sub(now.as_nanos());
-        (self.limit.saturating_sub(ahead) / self.t).min(self.burst)
+        if !self.exact {
+            return (self.limit.saturating_sub(ahead) / self.t.max(1)).min(self.burst);
+        }
+        // floor((burst * T - ahead) / T) = burst - ceil(ahead / T), and ceil(ahead / T) is 0
+        // or 1 without dividing when ahead <= T (a key used at about its rate).
+        let used = match ahead {
+            0 => 0,
+            a if a <= self.t => 1,
+            // `max(1)`: `t` is at least 1 already; said so, no division-by-zero check.
+            a => a.div_ceil(self.t.max(1)),
+        };
+        self.burst.saturating_sub(used)
     }
 
+    #[inline(always)]
     fn reset(&self, tat: &u64, now: Instant) -> Duration {
         Instant::from_nanos(*tat).saturating_since(now)
     }
 
+    #[inline(always)]
     fn is_idle(&self, tat: &u64, now: Instant) -> bool {
         *tat <= now.as_nanos()
     }

@@ -10,9 +10,11 @@
 //!
 //! The policy name is a structured-field string: `"` and `\` are escaped, and bytes outside
 //! printable ASCII (which validated policy names never contain) become `_`.
+//!
+//! Numbers are written digit by digit rather than through `core::fmt`: a filter builds these
+//! values on every response.
 
 use alloc::string::String;
-use core::fmt::Write;
 
 use crate::config::Rate;
 use crate::time::Duration;
@@ -27,16 +29,39 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 /// at least one second.
 pub fn rate_limit_policy(name: &str, quota: u64, window: Duration) -> String {
     let mut out = sf_string(name);
-    // Writing to a String cannot fail.
-    let _ = write!(out, ";q={quota};w={}", window.as_secs_ceil().max(1));
+    out.push_str(";q=");
+    push_decimal(&mut out, quota);
+    out.push_str(";w=");
+    push_decimal(&mut out, window.as_secs_ceil().max(1));
     out
 }
 
 /// The `RateLimit` value: `"NAME";r=REMAINING;t=RESET_SECONDS`, the reset rounded up.
 pub fn rate_limit(name: &str, remaining: u64, reset: Duration) -> String {
     let mut out = sf_string(name);
-    let _ = write!(out, ";r={remaining};t={}", reset.as_secs_ceil());
+    out.push_str(";r=");
+    push_decimal(&mut out, remaining);
+    out.push_str(";t=");
+    push_decimal(&mut out, reset.as_secs_ceil());
     out
+}
+
+/// Appends `n` in decimal, as `{n}` would.
+pub fn push_decimal(out: &mut String, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = n;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        start -= 1;
+        if rest == 0 {
+            break;
+        }
+    }
+    for d in digits.iter().skip(start) {
+        out.push(char::from(*d));
+    }
 }
 
 /// The `RateLimit-Policy` value of a limiter's rate: `q` is `requests`, `w` the period in
@@ -75,6 +100,26 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
+
+    #[test]
+    fn decimals_are_written_as_format_writes_them() {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            12_345,
+            u64::from(u32::MAX),
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let mut out = String::from("x");
+            push_decimal(&mut out, n);
+            assert_eq!(out, alloc::format!("x{n}"));
+        }
+    }
 
     #[test]
     fn retry_after_rounds_up() {

@@ -18,10 +18,7 @@
 //!
 //! Layout (8 bytes): `free_at: u64`.
 
-use alloc::vec::Vec;
-
-use super::{div_ceil_u64, Meter};
-use crate::codec::{Reader, Writer};
+use super::{div_ceil_u64, read_words, Meter, StateBytes};
 use crate::config::Rate;
 use crate::time::{Duration, Instant};
 
@@ -35,9 +32,10 @@ pub(super) struct LeakyBucket {
 }
 
 impl LeakyBucket {
-    pub(super) fn new(rate: &Rate) -> Self {
+    /// The leaky bucket of `rate`, whose emission interval is `t` ns.
+    pub(super) fn new(t: u64, rate: &Rate) -> Self {
         LeakyBucket {
-            t: rate.emission_interval().as_nanos().max(1),
+            t: t.max(1),
             burst: rate.burst.max(1),
         }
     }
@@ -48,14 +46,12 @@ impl Meter for LeakyBucket {
     type State = u64;
 
     fn decode(&self, bytes: &[u8]) -> Option<u64> {
-        let mut r = Reader::new(bytes);
-        let free_at = r.u64()?;
-        r.end()?;
+        let [free_at] = read_words(bytes)?;
         Some(free_at)
     }
 
-    fn encode(&self, free_at: &u64) -> Vec<u8> {
-        Writer::with_capacity(LEN).u64(*free_at).finish()
+    fn encode(&self, free_at: &u64) -> StateBytes {
+        StateBytes::words([*free_at])
     }
 
     fn fresh(&self, _now: Instant) -> u64 {
@@ -82,10 +78,7 @@ impl Meter for LeakyBucket {
     }
 
     fn remaining(&self, free_at: &u64, now: Instant) -> u64 {
-        let queued = div_ceil_u64(
-            u128::from(free_at.saturating_sub(now.as_nanos())),
-            u128::from(self.t),
-        );
+        let queued = div_ceil_u64(u128::from(free_at.saturating_sub(now.as_nanos())), self.t);
         self.burst.saturating_sub(queued)
     }
 

@@ -7,6 +7,8 @@
 //! request's cost (usually 1) and how long the caller may hold a request (`max_delay`), and
 //! returns the state to write back and a [`Decision`]. That keeps each check one
 //! compare-and-swap of a few bytes ([`crate::store::update`]), exact across a host's workers.
+//! [`Limiter::decide`] is the same check returning the state in a fixed [`StateBytes`] buffer:
+//! it allocates nothing, and is what the [`KeyTable`] and the filter run on every request.
 //!
 //! # Algorithms
 //!
@@ -83,8 +85,10 @@
 //!
 //! # State layouts
 //!
-//! Little-endian, no padding, encoded with [`crate::codec`]. A value of another length decodes
-//! as no state (a fresh key). All instants are nanoseconds on the host's clock.
+//! Little-endian, no padding: consecutive u64 words, the layout [`crate::codec`]'s `Writer`
+//! produces (checked by a test), written into a [`StateBytes`] so that a decision allocates
+//! nothing. A value of another length decodes as no state (a fresh key). All instants are
+//! nanoseconds on the host's clock.
 //!
 //! | algorithm | bytes | fields, in order |
 //! |---|---|---|
@@ -116,6 +120,7 @@ mod token_bucket;
 use alloc::format;
 use alloc::vec::Vec;
 use core::fmt;
+use core::ops::Deref;
 
 use crate::config::{ConfigError, FieldPath, Rate};
 use crate::time::{Duration, Instant};
@@ -229,6 +234,11 @@ impl Decision {
 pub struct Limiter {
     algorithm: Algorithm,
     rate: Rate,
+    /// `period / requests` in nanoseconds, at least 1 ([`Rate::emission_interval`]), computed
+    /// once here rather than divided out on every check.
+    interval: u64,
+    /// Whether `requests` divides `period` exactly (`interval` is then exact).
+    exact: bool,
 }
 
 impl Limiter {
@@ -244,7 +254,13 @@ impl Limiter {
             period,
             burst: rate.burst.max(1),
         };
-        Limiter { algorithm, rate }
+        let interval = rate.emission_interval().as_nanos().max(1);
+        Limiter {
+            algorithm,
+            rate,
+            interval,
+            exact: period.as_nanos().is_multiple_of(rate.requests),
+        }
     }
 
     /// The algorithm.
@@ -263,7 +279,7 @@ impl Limiter {
     /// `max_delay` > 0 enables shaping: a request that does not conform now but would within
     /// `max_delay` is admitted later: it reserves its place in the state and gets
     /// [`Decision::Delay`]. Returns the new state to store (`None`: unchanged, nothing to write)
-    /// and the decision.
+    /// and the decision. [`Limiter::decide`] does the same without allocating.
     pub fn acquire(
         &self,
         state: Option<&[u8]>,
@@ -271,15 +287,21 @@ impl Limiter {
         cost: u64,
         max_delay: Duration,
     ) -> (Option<Vec<u8>>, Decision) {
+        let (next, decision) = self.decide(state, now, cost, max_delay);
+        (next.map(|s| s.to_vec()), decision)
+    }
+
+    /// [`Limiter::acquire`] with the new state in a fixed buffer: no allocation per decision.
+    pub fn decide(
+        &self,
+        state: Option<&[u8]>,
+        now: Instant,
+        cost: u64,
+        max_delay: Duration,
+    ) -> (Option<StateBytes>, Decision) {
         match self.algorithm {
-            Algorithm::TokenBucket => run(
-                &token_bucket::TokenBucket::new(&self.rate),
-                state,
-                now,
-                cost,
-                max_delay,
-            ),
-            Algorithm::Gcra => run(&gcra::Gcra::new(&self.rate), state, now, cost, max_delay),
+            Algorithm::TokenBucket => run(&self.token_bucket(), state, now, cost, max_delay),
+            Algorithm::Gcra => run(&self.gcra(), state, now, cost, max_delay),
             Algorithm::FixedWindow => run(
                 &fixed_window::FixedWindow::new(&self.rate),
                 state,
@@ -295,7 +317,7 @@ impl Limiter {
                 max_delay,
             ),
             Algorithm::LeakyBucket => run(
-                &leaky_bucket::LeakyBucket::new(&self.rate),
+                &leaky_bucket::LeakyBucket::new(self.interval, &self.rate),
                 state,
                 now,
                 cost,
@@ -308,14 +330,26 @@ impl Limiter {
     /// empty, or undecodable): its slot can be given to another key.
     pub fn is_idle(&self, state: &[u8], now: Instant) -> bool {
         match self.algorithm {
-            Algorithm::TokenBucket => idle(&token_bucket::TokenBucket::new(&self.rate), state, now),
-            Algorithm::Gcra => idle(&gcra::Gcra::new(&self.rate), state, now),
+            Algorithm::TokenBucket => idle(&self.token_bucket(), state, now),
+            Algorithm::Gcra => idle(&self.gcra(), state, now),
             Algorithm::FixedWindow => idle(&fixed_window::FixedWindow::new(&self.rate), state, now),
             Algorithm::SlidingWindow => {
                 idle(&sliding_window::SlidingWindow::new(&self.rate), state, now)
             }
-            Algorithm::LeakyBucket => idle(&leaky_bucket::LeakyBucket::new(&self.rate), state, now),
+            Algorithm::LeakyBucket => idle(
+                &leaky_bucket::LeakyBucket::new(self.interval, &self.rate),
+                state,
+                now,
+            ),
         }
+    }
+
+    fn token_bucket(&self) -> token_bucket::TokenBucket {
+        token_bucket::TokenBucket::new(&self.rate, self.exact.then_some(self.interval))
+    }
+
+    fn gcra(&self) -> gcra::Gcra {
+        gcra::Gcra::new(self.interval, &self.rate)
     }
 
     /// Size in bytes of this algorithm's state.
@@ -339,13 +373,19 @@ trait Meter {
     type State;
 
     fn decode(&self, bytes: &[u8]) -> Option<Self::State>;
-    fn encode(&self, state: &Self::State) -> Vec<u8>;
+    fn encode(&self, state: &Self::State) -> StateBytes;
     /// The state of a key never seen.
     fn fresh(&self, now: Instant) -> Self::State;
     /// The instant the key is evaluated at for a request at `now`: `now`, or later when the
     /// state has seen a later instant (a key's clock never runs backwards).
     fn clock(&self, _state: &Self::State, now: Instant) -> Instant {
         now
+    }
+    /// The state brought forward to `clock` (the token bucket's refill), done once per decision
+    /// so that the steps below find it already there. It must not change any answer: every
+    /// step gives the same result on the advanced state as on the original one.
+    fn advance(&self, state: Self::State, _clock: Instant) -> Self::State {
+        state
     }
     /// The earliest instant, at or after `clock(state, now)`, at which a request of `cost`
     /// conforms if nothing else comes; `None` when it never can.
@@ -371,12 +411,13 @@ fn run<M: Meter>(
     now: Instant,
     cost: u64,
     max_delay: Duration,
-) -> (Option<Vec<u8>>, Decision) {
+) -> (Option<StateBytes>, Decision) {
     let state = match bytes.and_then(|b| meter.decode(b)) {
         Some(s) => s,
         None => meter.fresh(now),
     };
     let clock = meter.clock(&state, now);
+    let state = meter.advance(state, clock);
     let Some(at) = meter.conform_at(&state, now, cost) else {
         return (
             None,
@@ -419,10 +460,148 @@ fn idle<M: Meter>(meter: &M, bytes: &[u8], now: Instant) -> bool {
     }
 }
 
-/// `ceil(a / b)` for `b > 0`, clamped to u64.
-fn div_ceil_u64(a: u128, b: u128) -> u64 {
-    let q = a.div_ceil(b.max(1));
+/// The largest encoded state of any algorithm (the sliding window's).
+pub const MAX_STATE_LEN: usize = 32;
+
+/// A key's encoded state in a fixed buffer, as [`Limiter::decide`] returns it: the bytes to
+/// store in shared data, without a heap allocation. Dereferences to those bytes (the layouts of
+/// the [module docs](self)).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct StateBytes {
+    len: u8,
+    bytes: [u8; MAX_STATE_LEN],
+}
+
+impl StateBytes {
+    /// `N` u64 words, little-endian, in order (`N` at most 4: longer input is cut).
+    // Always inlined, as `read_words` and `put_word`: at the size-optimising opt-level of the
+    // release profile, the generic copy and iterator helpers would each be a call on every
+    // decision.
+    #[inline(always)]
+    fn words<const N: usize>(words: [u64; N]) -> StateBytes {
+        let mut bytes = [0; MAX_STATE_LEN];
+        // Unrolled by hand (the opt-level does not unroll loops): stores at constant offsets.
+        for_each_word(N, |i| {
+            if let Some(word) = words.get(i) {
+                put_word(&mut bytes, i, *word);
+            }
+        });
+        StateBytes {
+            len: (8 * N).min(MAX_STATE_LEN) as u8,
+            bytes,
+        }
+    }
+
+    /// The encoded bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self.bytes.get(..usize::from(self.len)).unwrap_or_default()
+    }
+}
+
+impl Deref for StateBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl AsRef<[u8]> for StateBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl fmt::Debug for StateBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_slice(), f)
+    }
+}
+
+/// The `N` little-endian u64 words of `bytes`, if it is exactly `8 * N` bytes long: the
+/// decoding of [`StateBytes::words`].
+#[inline(always)]
+fn read_words<const N: usize>(bytes: &[u8]) -> Option<[u64; N]> {
+    if bytes.len() != 8 * N {
+        return None;
+    }
+    let mut words = [0; N];
+    for_each_word(N, |i| {
+        if let Some(w) = words.get_mut(i) {
+            *w = word(bytes, i);
+        }
+    });
+    Some(words)
+}
+
+/// The little-endian u64 at bytes `8 * i..8 * i + 8` of `bytes` (0 past the end).
+#[inline(always)]
+fn word(bytes: &[u8], i: usize) -> u64 {
+    match bytes.get(8 * i..8 * i + 8) {
+        Some(&[b0, b1, b2, b3, b4, b5, b6, b7]) => {
+            u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7])
+        }
+        _ => 0,
+    }
+}
+
+/// Calls `f(i)` for each `i < n.min(4)`, unrolled: every call has a constant `i` once inlined.
+#[inline(always)]
+fn for_each_word(n: usize, mut f: impl FnMut(usize)) {
+    if n > 0 {
+        f(0);
+    }
+    if n > 1 {
+        f(1);
+    }
+    if n > 2 {
+        f(2);
+    }
+    if n > 3 {
+        f(3);
+    }
+}
+
+/// Writes `word` little-endian at bytes `8 * i..8 * i + 8` of `bytes` (nothing past the end).
+#[inline(always)]
+fn put_word(bytes: &mut [u8], i: usize, word: u64) {
+    let [l0, l1, l2, l3, l4, l5, l6, l7] = word.to_le_bytes();
+    if let Some([b0, b1, b2, b3, b4, b5, b6, b7]) = bytes.get_mut(8 * i..8 * i + 8) {
+        (*b0, *b1, *b2, *b3, *b4, *b5, *b6, *b7) = (l0, l1, l2, l3, l4, l5, l6, l7);
+    }
+}
+
+/// `ceil(a / b)` for `b > 0` (1 for 0), clamped to u64.
+fn div_ceil_u64(a: u128, b: u64) -> u64 {
+    let (q, r) = div_rem(a, b);
+    let q = q + u128::from(r > 0);
     u64::try_from(q).unwrap_or(u64::MAX)
+}
+
+/// `(n / d, n % d)` for `d > 0` (1 for 0). Every divisor in this module is a u64, so this
+/// stands in for the library's general u128 division (a slow call, and a kilobyte of every
+/// module): one u64 division when `n` fits in u64, which is the common case; otherwise the
+/// high half by a u64 division and the low half bit by bit.
+fn div_rem(n: u128, d: u64) -> (u128, u64) {
+    let d = d.max(1);
+    let (hi, lo) = ((n >> 64) as u64, n as u64);
+    if hi == 0 {
+        return (u128::from(lo / d), lo % d);
+    }
+    let (q_hi, mut rem) = (hi / d, hi % d);
+    let mut q_lo = 0u64;
+    for i in (0..64).rev() {
+        // rem < d, so rem * 2 + 1 < 2 * d: one subtraction keeps it below d. The bit shifted
+        // out of rem is the 2^64 the wrapping subtraction takes back.
+        let carry = rem >> 63;
+        rem = (rem << 1) | ((lo >> i) & 1);
+        q_lo <<= 1;
+        if carry == 1 || rem >= d {
+            rem = rem.wrapping_sub(d);
+            q_lo |= 1;
+        }
+    }
+    ((u128::from(q_hi) << 64) | u128::from(q_lo), rem)
 }
 
 /// The start of the window of length `period` (> 0) that holds `t`.

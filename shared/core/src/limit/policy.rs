@@ -9,11 +9,13 @@
 //! A policy's state lives in shared data under `keel/rate_limit/<policy>/<slot>`, one value per
 //! slot of its [`KeyTable`].
 
-use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use core::fmt;
+use core::marker::PhantomData;
 
+use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::{Algorithm, KeyTable, Limiter};
@@ -74,7 +76,7 @@ pub struct TiersSpec {
     /// The selector whose value names the tier, e.g. `header:x-plan`.
     pub key: String,
     /// The limit of each tier by name.
-    pub limits: BTreeMap<String, RateSpec>,
+    pub limits: SortedMap<RateSpec>,
     /// The tier of requests without a known tier; the policy's `limit` when absent.
     #[serde(default)]
     pub default: Option<String>,
@@ -100,7 +102,67 @@ pub struct DenySpec {
     pub body: Option<String>,
     /// Extra headers.
     #[serde(default)]
-    pub headers: Option<BTreeMap<String, String>>,
+    pub headers: Option<SortedMap<String>>,
+}
+
+/// A JSON object read as its entries sorted by key, a repeated key keeping its last value:
+/// what a `BTreeMap` gives (same order, same errors), in a `Vec` whose code is a fraction of
+/// the B-tree's in a module that only reads a few entries once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SortedMap<V>(pub Vec<(String, V)>);
+
+impl<V> Default for SortedMap<V> {
+    fn default() -> Self {
+        SortedMap(Vec::new())
+    }
+}
+
+impl<V> SortedMap<V> {
+    /// The entries, sorted by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    /// How many entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for SortedMap<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries<V>(PhantomData<V>);
+
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for Entries<V> {
+            type Value = SortedMap<V>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries: Vec<(String, V)> = Vec::new();
+                while let Some((key, value)) = map.next_entry::<String, V>()? {
+                    match entries.binary_search_by(|(k, _)| k.as_str().cmp(key.as_str())) {
+                        Ok(i) => {
+                            if let Some(entry) = entries.get_mut(i) {
+                                entry.1 = value;
+                            }
+                        }
+                        Err(i) => entries.insert(i, (key, value)),
+                    }
+                }
+                Ok(SortedMap(entries))
+            }
+        }
+
+        deserializer.deserialize_map(Entries(PhantomData))
+    }
 }
 
 /// What happens to a request that does not carry the policy's key.
@@ -171,14 +233,38 @@ impl RateLimitPolicy {
     /// The tier name (empty without tiers) and limiter for a request whose tier selector gave
     /// `tier` (`None`: no such header, cookie...).
     pub fn limiter_for(&self, tier: Option<&[u8]>) -> (&str, &Limiter) {
+        self.limiter_at(self.limiter_index(tier))
+    }
+
+    /// Where [`RateLimitPolicy::limiter_for`]'s answer is, as an index a filter can key
+    /// precomputed values with: 0 for the policy's own `limiter`, `i + 1` for
+    /// `tiers.limits[i]`. Below [`RateLimitPolicy::limiter_count`].
+    pub fn limiter_index(&self, tier: Option<&[u8]>) -> usize {
         let Some(tiers) = &self.tiers else {
-            return ("", &self.limiter);
+            return 0;
         };
-        let named = tier.and_then(|t| tiers.limits.iter().find(|(n, _)| n.as_bytes() == t));
-        match named.or_else(|| tiers.default.and_then(|i| tiers.limits.get(i))) {
+        let named = tier.and_then(|t| tiers.limits.iter().position(|(n, _)| n.as_bytes() == t));
+        match named.or(tiers.default) {
+            Some(i) if i < tiers.limits.len() => i + 1,
+            _ => 0,
+        }
+    }
+
+    /// The tier name (empty for the policy's own limiter) and limiter at `index` (see
+    /// [`RateLimitPolicy::limiter_index`]); the policy's own for an index out of range.
+    pub fn limiter_at(&self, index: usize) -> (&str, &Limiter) {
+        let tier = index
+            .checked_sub(1)
+            .and_then(|i| self.tiers.as_ref()?.limits.get(i));
+        match tier {
             Some((name, limiter)) => (name.as_str(), limiter),
             None => ("", &self.limiter),
         }
+    }
+
+    /// How many limiters the policy has: its own and one per tier.
+    pub fn limiter_count(&self) -> usize {
+        1 + self.tiers.as_ref().map_or(0, |t| t.limits.len())
     }
 
     /// The shared-data key prefix of this policy's slots.
@@ -258,7 +344,10 @@ fn validate_policy(path: &FieldPath, spec: &PolicySpec) -> Result<RateLimitPolic
         table: KeyTable::new(max_keys),
         max_delay,
         response_headers: spec.response_headers.unwrap_or(true),
-        deny: validate_deny(&path.field("deny"), spec.deny.clone().unwrap_or_default())?,
+        deny: match &spec.deny {
+            Some(deny) => validate_deny(&path.field("deny"), deny)?,
+            None => validate_deny(&path.field("deny"), &DenySpec::default())?,
+        },
     })
 }
 
@@ -272,7 +361,7 @@ fn validate_tiers(
         return Err(path.field("limits").error("needs at least one tier"));
     }
     let mut limits = Vec::with_capacity(spec.limits.len());
-    for (name, rate) in &spec.limits {
+    for (name, rate) in spec.limits.iter() {
         let rate = Rate::from_spec(&path.field("limits").field(name), rate)?;
         limits.push((name.clone(), Limiter::new(algorithm, rate)));
     }
@@ -290,27 +379,30 @@ fn validate_tiers(
     })
 }
 
-fn validate_deny(path: &FieldPath, spec: DenySpec) -> Result<DenyReply, ConfigError> {
+fn validate_deny(path: &FieldPath, spec: &DenySpec) -> Result<DenyReply, ConfigError> {
     let status = spec.status.unwrap_or(429);
     if !(200..=599).contains(&status) {
         return Err(path.field("status").error(format!(
             "must be an HTTP status from 200 to 599, got {status}"
         )));
     }
-    let body = spec.body.unwrap_or_else(|| "rate limited\n".to_string());
+    let body = spec
+        .body
+        .clone()
+        .unwrap_or_else(|| "rate limited\n".to_string());
     if body.len() > 65_536 {
         return Err(path.field("body").error("must be at most 64 KiB"));
     }
     let mut headers = Vec::new();
-    for (name, value) in spec.headers.unwrap_or_default() {
-        let at = path.field("headers").field(&name);
+    for (name, value) in spec.headers.iter().flat_map(SortedMap::iter) {
+        let at = path.field("headers").field(name);
         if name.is_empty() || name.starts_with(':') || !name.bytes().all(is_token_byte) {
             return Err(at.error("is not a valid header name"));
         }
         if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
             return Err(at.error("header values may not contain CR, LF or NUL"));
         }
-        headers.push((name.to_ascii_lowercase(), value));
+        headers.push((name.to_ascii_lowercase(), value.clone()));
     }
     Ok(DenyReply {
         status,
@@ -370,6 +462,35 @@ mod tests {
         assert_eq!(p.limiter_for(Some(b"pro")).1.rate().requests, 100);
         assert_eq!(p.limiter_for(Some(b"gold")).0, "free");
         assert_eq!(p.limiter_for(None).1.rate().requests, 10);
+        assert_eq!(p.limiter_count(), 3);
+        for tier in [Some(&b"pro"[..]), Some(b"free"), Some(b"gold"), None] {
+            let i = p.limiter_index(tier);
+            assert!(i < p.limiter_count());
+            assert_eq!(p.limiter_at(i), p.limiter_for(tier));
+        }
+        assert_eq!(p.limiter_at(0).0, "");
+        assert_eq!(p.limiter_at(99).0, "");
+    }
+
+    #[test]
+    fn sorted_maps_read_objects_as_a_btree_map_does() {
+        use alloc::collections::BTreeMap;
+        for json in [
+            r#"{}"#,
+            r#"{"b": "1", "a": "2", "c": "3"}"#,
+            r#"{"x": "1", "x": "2", "a": "0", "x": "3"}"#,
+            r#"{"é": "1", "Z": "2", "z": "3", "": "4"}"#,
+        ] {
+            let ours: SortedMap<String> = serde_json::from_str(json).unwrap();
+            let btree: BTreeMap<String, String> = serde_json::from_str(json).unwrap();
+            let expected: Vec<(String, String)> = btree.into_iter().collect();
+            assert_eq!(ours.0, expected, "{json}");
+        }
+        for json in ["5", "[]", r#"{"a": 1}"#, "null"] {
+            let ours = serde_json::from_str::<SortedMap<String>>(json).unwrap_err();
+            let btree = serde_json::from_str::<BTreeMap<String, String>>(json).unwrap_err();
+            assert_eq!(ours.to_string(), btree.to_string(), "{json}");
+        }
     }
 
     #[test]

@@ -16,10 +16,7 @@
 //!
 //! Layout (32 bytes): `start: u64`, `previous: u64`, `current: u64`, `seen: u64`.
 
-use alloc::vec::Vec;
-
-use super::{window_start, Meter};
-use crate::codec::{Reader, Writer};
+use super::{div_rem, read_words, window_start, Meter, StateBytes};
 use crate::config::Rate;
 use crate::time::{Duration, Instant};
 
@@ -82,7 +79,7 @@ impl SlidingWindow {
         }
         let p = u128::from(self.period);
         // previous * (P - e) <= slack  <=>  P - e <= floor(slack / previous).
-        let room = (slack / u128::from(previous)).min(p);
+        let room = div_rem(slack, previous).0.min(p);
         // room <= P, so this fits.
         (p - room) as u64
     }
@@ -92,24 +89,17 @@ impl Meter for SlidingWindow {
     type State = State;
 
     fn decode(&self, bytes: &[u8]) -> Option<State> {
-        let mut r = Reader::new(bytes);
-        let state = State {
-            start: r.u64()?,
-            previous: r.u64()?,
-            current: r.u64()?,
-            seen: r.u64()?,
-        };
-        r.end()?;
-        Some(state)
+        let [start, previous, current, seen] = read_words(bytes)?;
+        Some(State {
+            start,
+            previous,
+            current,
+            seen,
+        })
     }
 
-    fn encode(&self, s: &State) -> Vec<u8> {
-        Writer::with_capacity(LEN)
-            .u64(s.start)
-            .u64(s.previous)
-            .u64(s.current)
-            .u64(s.seen)
-            .finish()
+    fn encode(&self, s: &State) -> StateBytes {
+        StateBytes::words([s.start, s.previous, s.current, s.seen])
     }
 
     fn fresh(&self, now: Instant) -> State {
@@ -170,7 +160,7 @@ impl Meter for SlidingWindow {
         let weight = p - u128::from(clock - w.start).min(p);
         let used = u128::from(w.previous) * weight + u128::from(w.current) * p;
         let quota = u128::from(self.requests) * p;
-        u64::try_from(quota.saturating_sub(used) / p).unwrap_or(u64::MAX)
+        u64::try_from(div_rem(quota.saturating_sub(used), self.period).0).unwrap_or(u64::MAX)
     }
 
     fn reset(&self, s: &State, now: Instant) -> Duration {
@@ -199,6 +189,7 @@ mod tests {
 
     use super::*;
     use crate::limit::{Algorithm, Decision, Limiter};
+    use alloc::vec::Vec;
 
     fn limiter(requests: u64, period: Duration) -> Limiter {
         Limiter::new(
@@ -223,6 +214,7 @@ mod tests {
             current,
             seen: start,
         })
+        .to_vec()
     }
 
     #[test]

@@ -27,7 +27,6 @@
 //! get a fresh bucket when its first slot falls idle); [`KeyTable::acquire`] runs it against a
 //! [`SharedStore`].
 
-use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -43,8 +42,15 @@ pub fn fingerprint(key: &[u8]) -> u64 {
 
 /// The shared-data key of `slot` under `prefix`: `keel/rate_limit/api` and 7 give
 /// `keel/rate_limit/api/7` (a trailing `/` on the prefix is not doubled).
+///
+/// Built by hand rather than with `format!`: it runs for every request.
 pub fn slot_key(prefix: &str, slot: u32) -> String {
-    format!("{}/{slot}", prefix.trim_end_matches('/'))
+    let prefix = prefix.trim_end_matches('/');
+    let mut key = String::with_capacity(prefix.len() + 11);
+    key.push_str(prefix);
+    key.push('/');
+    super::headers::push_decimal(&mut key, u64::from(slot));
+    key
 }
 
 /// What happened to a request in one slot.
@@ -115,7 +121,8 @@ impl KeyTable {
             return [0, 0];
         }
         let step = 1 + (((fp >> 32) * (n - 1)) >> 32);
-        let second = (first + step) % n;
+        // n >= 2 here; `max(1)` says so to the compiler (no division-by-zero check).
+        let second = (first + step) % n.max(1);
         // Both are below n <= u32::MAX.
         [first as u32, second as u32]
     }
@@ -205,6 +212,23 @@ impl KeyTable {
         attempts: u32,
     ) -> Result<Decision, UpdateError> {
         let fp = fingerprint(key);
+        self.acquire_fingerprint(store, prefix, limiter, fp, now, cost, max_delay, attempts)
+    }
+
+    /// [`KeyTable::acquire`] for a key whose [`fingerprint`] the caller already has (a filter
+    /// that hashes the key's parts without joining them).
+    #[allow(clippy::too_many_arguments)] // As `acquire`.
+    pub fn acquire_fingerprint<S: SharedStore + ?Sized>(
+        &self,
+        store: &S,
+        prefix: &str,
+        limiter: &Limiter,
+        fp: u64,
+        now: Instant,
+        cost: u64,
+        max_delay: Duration,
+        attempts: u32,
+    ) -> Result<Decision, UpdateError> {
         let decided = self.walk(fp, |slot, claim| {
             update(
                 store,
@@ -221,7 +245,7 @@ impl KeyTable {
         })?;
         // The walk's last step shares, so it always decides; were it not to, the key would be
         // treated as fresh.
-        Ok(decided.unwrap_or_else(|| limiter.acquire(None, now, cost, max_delay).1))
+        Ok(decided.unwrap_or_else(|| limiter.decide(None, now, cost, max_delay).1))
     }
 
     /// Runs `step(slot, claim)` over the walk of fingerprint `fp` until one decides.
@@ -278,7 +302,8 @@ fn claim_slot(
     claim: Claim,
 ) -> SlotOutcome {
     let apply = |state: Option<&[u8]>, owner: u64| {
-        let (new_state, decision) = limiter.acquire(state, now, cost, max_delay);
+        let (new_state, decision) = limiter.decide(state, now, cost, max_delay);
+        // One allocation per decision: the value `store::update` writes.
         let new_value = new_state.map(|s| {
             Writer::with_capacity(8 + s.len())
                 .u64(owner)
@@ -346,6 +371,9 @@ mod tests {
     fn slot_keys_name_the_policy_and_slot() {
         assert_eq!(slot_key("keel/rate_limit/api/", 7), "keel/rate_limit/api/7");
         assert_eq!(slot_key("keel/rate_limit/api", 0), "keel/rate_limit/api/0");
+        for slot in [9, 10, 99, 100, 16_383, 1_048_575, 1_234_567_890, u32::MAX] {
+            assert_eq!(slot_key("p//", slot), alloc::format!("p/{slot}"));
+        }
     }
 
     #[test]

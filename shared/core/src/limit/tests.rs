@@ -535,3 +535,58 @@ fn through_shared_data_a_thousand_requests_at_one_instant_admit_exactly_the_capa
         assert_eq!(admitted, capacity, "{}", l.algorithm());
     }
 }
+
+#[test]
+fn decide_writes_the_codec_layout_that_acquire_returns() {
+    use crate::codec::Writer;
+    let words = StateBytes::words([1, u64::MAX, 0x0102_0304_0506_0708]);
+    let codec = Writer::default()
+        .u64(1)
+        .u64(u64::MAX)
+        .u64(0x0102_0304_0506_0708)
+        .finish();
+    assert_eq!(&*words, codec.as_slice());
+    assert_eq!(
+        read_words::<3>(&codec),
+        Some([1, u64::MAX, 0x0102_0304_0506_0708])
+    );
+    assert_eq!(read_words::<3>(&codec[1..]), None);
+    let mut rng = SeededRng::new(8);
+    for (l, _) in limiters() {
+        let mut state: Option<Vec<u8>> = None;
+        for i in 0..200u64 {
+            let now = at(1_000 * SEC + i * rng.below(SEC / 2));
+            let max_delay = Duration::from_millis(rng.below(2) * 500);
+            let (fixed, d1) = l.decide(state.as_deref(), now, 1, max_delay);
+            let (vec, d2) = l.acquire(state.as_deref(), now, 1, max_delay);
+            assert_eq!(d1, d2, "{}", l.algorithm());
+            assert_eq!(fixed.as_deref(), vec.as_deref(), "{}", l.algorithm());
+            if vec.is_some() {
+                state = vec;
+            }
+        }
+    }
+}
+
+#[test]
+fn u128_division_by_a_u64_matches_the_library() {
+    let mut rng = SeededRng::new(128);
+    for _ in 0..20_000 {
+        let n = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())) >> rng.below(128);
+        let d = (rng.next_u64() >> rng.below(64)).max(1);
+        let (q, r) = div_rem(n, d);
+        assert_eq!(
+            (q, u128::from(r)),
+            (n / u128::from(d), n % u128::from(d)),
+            "{n} / {d}"
+        );
+        let ceil = u64::try_from(n.div_ceil(u128::from(d))).unwrap_or(u64::MAX);
+        assert_eq!(div_ceil_u64(n, d), ceil, "{n} / {d}");
+    }
+    assert_eq!(
+        div_rem(u128::MAX, u64::MAX),
+        (u128::MAX / u128::from(u64::MAX), 0)
+    );
+    assert_eq!(div_rem(u128::MAX, 1), (u128::MAX, 0));
+    assert_eq!(div_rem(7, 0), (7, 0));
+}

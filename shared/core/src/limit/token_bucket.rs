@@ -13,12 +13,14 @@
 //! at most one token per nanosecond, a reservation leaves less than one token at `updated`, so
 //! a request of cost >= 1 is never let through ahead of it.
 //!
+//! The common path takes no u128 arithmetic and usually no division: a refill that fills the
+//! bucket is recognised by a multiplication (`elapsed * R + credit >= missing * P`), and when
+//! `R` divides `P` the wait for `n` tokens from a whole number of tokens is `n * (P / R)`. Both
+//! give exactly what the general formulas give (a test compares them at every magnitude).
+//!
 //! Layout (24 bytes): `tokens: u64`, `credit: u64`, `updated: u64`.
 
-use alloc::vec::Vec;
-
-use super::{div_ceil_u64, Meter};
-use crate::codec::{Reader, Writer};
+use super::{div_ceil_u64, div_rem, word, Meter, StateBytes};
 use crate::config::Rate;
 use crate::time::{Duration, Instant};
 
@@ -40,66 +42,102 @@ pub(super) struct TokenBucket {
     requests: u64,
     period: u64,
     burst: u64,
+    /// `period / requests` when `requests` divides `period`.
+    interval: Option<u64>,
 }
 
 impl TokenBucket {
-    pub(super) fn new(rate: &Rate) -> Self {
+    /// The bucket of `rate`; `interval` is `period / requests` if that division is exact.
+    pub(super) fn new(rate: &Rate, interval: Option<u64>) -> Self {
         TokenBucket {
             requests: rate.requests.max(1),
             period: rate.period.as_nanos().max(1),
             burst: rate.burst.max(1),
+            interval,
         }
     }
 
     /// The bucket at `to`; unchanged when `to` is not after `updated`.
+    // Inlined: after `advance`, the other steps of a decision refill to where the bucket
+    // already is, and that check should not cost a call.
+    #[inline(always)]
     pub(super) fn refill(&self, s: &State, to: u64) -> State {
         if to <= s.updated {
             return *s;
         }
-        let elapsed = to - s.updated;
+        let (tokens, credit) = self.refill_after(s.tokens, s.credit, to - s.updated);
+        State {
+            tokens,
+            credit,
+            updated: to,
+        }
+    }
+
+    /// `(tokens, credit)` of [`TokenBucket::refill`] by `elapsed > 0` nanoseconds. Plain
+    /// values in and out, so that the state stays in registers around the call.
+    fn refill_after(&self, tokens: u64, credit: u64, elapsed: u64) -> (u64, u64) {
+        let full = (self.burst, 0);
+        // Whether enough arrived to fill the bucket is a multiplication: the common case of a
+        // key below its rate needs no division at all.
+        let missing = self.burst.saturating_sub(tokens);
         // u64 when it fits (the common case: u128 division is a slow library call), else u128,
         // which cannot overflow: (2^64 - 1)^2 + 2^64 - 1 < 2^128.
         let (gained, credit) = match elapsed
             .checked_mul(self.requests)
-            .and_then(|c| c.checked_add(s.credit))
+            .and_then(|c| c.checked_add(credit))
         {
-            Some(c) => (u128::from(c / self.period), c % self.period),
+            Some(c) => {
+                if missing
+                    .checked_mul(self.period)
+                    .is_some_and(|need| c >= need)
+                {
+                    return full;
+                }
+                // `max(1)`: the period is at least 1 already; said so, the division cannot
+                // panic and the compiler leaves the check out.
+                let period = self.period.max(1);
+                (u128::from(c / period), c % period)
+            }
             None => {
-                let c = u128::from(s.credit) + u128::from(elapsed) * u128::from(self.requests);
-                let p = u128::from(self.period);
-                // The remainder is below the period, a u64.
-                (c / p, (c % p) as u64)
+                let c = u128::from(credit) + u128::from(elapsed) * u128::from(self.requests);
+                if c >= u128::from(missing) * u128::from(self.period) {
+                    return full;
+                }
+                div_rem(c, self.period)
             }
         };
-        let tokens = u128::from(s.tokens) + gained;
+        let tokens = u128::from(tokens) + gained;
         if tokens >= u128::from(self.burst) {
-            State {
-                tokens: self.burst,
-                credit: 0,
-                updated: to,
-            }
+            full
         } else {
-            State {
-                // Below burst, so it fits.
-                tokens: tokens as u64,
-                credit,
-                updated: to,
-            }
+            // Below burst, so it fits.
+            (tokens as u64, credit)
         }
     }
 
     /// Nanoseconds after `s.updated` until the bucket holds `target` tokens (target <= burst).
+    #[inline(always)]
     fn time_to(&self, s: &State, target: u64) -> u64 {
         if s.tokens >= target {
             return 0;
         }
         let missing = target - s.tokens;
+        match self.interval {
+            // With P = R * I, ceil(missing * P / R) is exactly missing * I (u64::MAX when that
+            // does not fit, as the general formula clamps it).
+            Some(interval) if s.credit == 0 => missing.saturating_mul(interval),
+            _ => self.time_for(s.credit, missing),
+        }
+    }
+
+    /// [`TokenBucket::time_to`] for `missing > 0` tokens.
+    fn time_for(&self, credit: u64, missing: u64) -> u64 {
         // credit < period, so the need is positive.
         match missing.checked_mul(self.period) {
-            Some(need) => (need - s.credit).div_ceil(self.requests),
+            Some(need) => (need - credit).div_ceil(self.requests.max(1)),
             None => div_ceil_u64(
-                u128::from(missing) * u128::from(self.period) - u128::from(s.credit),
-                u128::from(self.requests),
+                u128::from(missing) * u128::from(self.period) - u128::from(credit),
+                self.requests,
             ),
         }
     }
@@ -110,12 +148,16 @@ impl TokenBucket {
 }
 
 impl Meter for TokenBucket {
+    // Every step is inlined into the decision (`run`): at the size-optimising opt-level the
+    // state would otherwise go through memory between a dozen small calls per check.
     type State = State;
 
+    #[inline(always)]
     fn decode(&self, bytes: &[u8]) -> Option<State> {
-        let mut r = Reader::new(bytes);
-        let (tokens, credit, updated) = (r.u64()?, r.u64()?, r.u64()?);
-        r.end()?;
+        if bytes.len() != LEN {
+            return None;
+        }
+        let (tokens, credit, updated) = (word(bytes, 0), word(bytes, 1), word(bytes, 2));
         // A state written under a smaller burst or another period is brought into range:
         // clamping can only take capacity away.
         let tokens = tokens.min(self.burst);
@@ -131,14 +173,12 @@ impl Meter for TokenBucket {
         })
     }
 
-    fn encode(&self, s: &State) -> Vec<u8> {
-        Writer::with_capacity(LEN)
-            .u64(s.tokens)
-            .u64(s.credit)
-            .u64(s.updated)
-            .finish()
+    #[inline(always)]
+    fn encode(&self, s: &State) -> StateBytes {
+        StateBytes::words([s.tokens, s.credit, s.updated])
     }
 
+    #[inline(always)]
     fn fresh(&self, now: Instant) -> State {
         State {
             tokens: self.burst,
@@ -147,10 +187,19 @@ impl Meter for TokenBucket {
         }
     }
 
+    #[inline(always)]
     fn clock(&self, s: &State, now: Instant) -> Instant {
         Instant::from_nanos(self.base(s, now))
     }
 
+    /// Refilled up to `clock`: the later steps' refills, to `clock` or beyond, then start there
+    /// (refilling in steps gives the same bucket as in one).
+    #[inline(always)]
+    fn advance(&self, s: State, clock: Instant) -> State {
+        self.refill(&s, clock.as_nanos())
+    }
+
+    #[inline(always)]
     fn conform_at(&self, s: &State, now: Instant, cost: u64) -> Option<Instant> {
         if cost > self.burst {
             return None;
@@ -162,16 +211,19 @@ impl Meter for TokenBucket {
         ))
     }
 
+    #[inline(always)]
     fn book(&self, s: &State, at: Instant, _now: Instant, cost: u64) -> State {
         let mut next = self.refill(s, at.as_nanos());
         next.tokens = next.tokens.saturating_sub(cost);
         next
     }
 
+    #[inline(always)]
     fn remaining(&self, s: &State, now: Instant) -> u64 {
         self.refill(s, self.base(s, now)).tokens
     }
 
+    #[inline(always)]
     fn reset(&self, s: &State, now: Instant) -> Duration {
         let base = self.base(s, now);
         let at = self.refill(s, base);
@@ -179,6 +231,7 @@ impl Meter for TokenBucket {
         Instant::from_nanos(full).saturating_since(now)
     }
 
+    #[inline(always)]
     fn is_idle(&self, s: &State, now: Instant) -> bool {
         self.refill(s, self.base(s, now)).tokens >= self.burst
     }
@@ -192,6 +245,7 @@ mod tests {
     use super::*;
     use crate::limit::{Algorithm, Decision, Limiter};
     use crate::rand::{Rng, SeededRng};
+    use alloc::vec::Vec;
 
     fn limiter(requests: u64, period: Duration, burst: u64) -> Limiter {
         Limiter::new(
@@ -205,7 +259,7 @@ mod tests {
     }
 
     fn decode(l: &Limiter, bytes: &[u8]) -> State {
-        TokenBucket::new(&l.rate()).decode(bytes).unwrap()
+        l.token_bucket().decode(bytes).unwrap()
     }
 
     #[test]
@@ -219,7 +273,7 @@ mod tests {
             assert!(matches!(d, Decision::Allow { .. }));
             state = s;
         }
-        let tb = TokenBucket::new(&l.rate());
+        let tb = l.token_bucket();
         let s = decode(&l, state.as_deref().unwrap());
         let later = tb.refill(&s, t0.as_nanos() + 1_000_000_000);
         assert_eq!((later.tokens, later.credit), (3, 0));
@@ -237,16 +291,27 @@ mod tests {
         let mut rng = SeededRng::new(21);
         for _ in 0..5000 {
             let bits = |rng: &mut SeededRng| rng.next_u64() >> rng.below(64);
-            let period = bits(&mut rng).max(1);
+            // Half the rates have a period that is a multiple of the requests, and half the
+            // states a whole number of tokens: the shortcuts of `time_to`.
+            let requests = bits(&mut rng).max(1);
+            let period = if rng.below(2) == 0 {
+                requests.saturating_mul(1 + (rng.next_u64() >> rng.below(64)) % (1 << 40))
+            } else {
+                bits(&mut rng).max(1)
+            };
             let rate = Rate {
-                requests: bits(&mut rng).max(1),
+                requests,
                 period: Duration::from_nanos(period),
                 burst: bits(&mut rng).max(1),
             };
-            let tb = TokenBucket::new(&rate);
+            let tb = Limiter::new(Algorithm::TokenBucket, rate).token_bucket();
+            let credit = match rng.below(2) {
+                0 => 0,
+                _ => rng.below(tb.period),
+            };
             let s = State {
                 tokens: rng.below(tb.burst),
-                credit: rng.below(tb.period),
+                credit,
                 updated: bits(&mut rng),
             };
             let to = s.updated.saturating_add(bits(&mut rng));
