@@ -83,6 +83,8 @@ class Scenario:
     target: Optional[float] = None
     # Also measure a copy of the module passed through `wasm-opt -Oz`.
     wasm_opt: bool = False
+    # Text replacements applied to the config (e.g. the floor instrument's host calls).
+    substitutions: tuple = ()
 
 
 # The table of scenarios. Future filters add a line here and a config in bench/envoy/, e.g.
@@ -156,6 +158,24 @@ SCENARIOS = [
         module="dist/keel_picker.wasm",
         filters=("keel.picker",),
         target=1.15,
+    ),
+    # The floor instrument: the ABI probe making only the host calls a filter needs, no logic.
+    # What each Keel filter must at least cost in Envoy, whatever its code.
+    *(
+        Scenario(
+            f"floor-{name}",
+            "floor.yaml",
+            f"floor: only the host calls {ops} ({why}), no logic",
+            module="dist/keel_abi_probe.wasm",
+            filters=("keel.floor",),
+            substitutions=(("@FLOOR_OPS@", ops),),
+        )
+        for name, ops, why in (
+            ("header", "header", "reading the key header"),
+            ("limiter", "time,header,shared", "the limiter: time, key header, slot get + CAS"),
+            ("breaker", "shared", "the breaker: state get + CAS"),
+            ("picker", "header,set-header", "the picker: key header, routing header"),
+        )
     ),
 ]
 
@@ -532,6 +552,8 @@ def plan(selected: list, dist: Path, workdir: Path, with_wasm_opt: bool, notes: 
     planned = []
     for scenario in selected:
         text = local_ports((CONFIG_DIR / scenario.config).read_text(), scenario.config)
+        for placeholder, value in scenario.substitutions:
+            text = text.replace(placeholder, value)
         if scenario.module is None:
             planned.append(Planned(scenario, text, None))
             continue

@@ -760,3 +760,57 @@ fn measure_request_cost() {
     }
     println!("empty filter: {:?} per request", started.elapsed() / 10_000);
 }
+
+// ----- the benchmark's floor instrument -----
+
+#[test]
+fn floor_mode_makes_exactly_the_listed_host_calls_and_continues() {
+    let host = Host::new();
+    let vm = probe(
+        &host,
+        "floor=time,header,shared,set-header,counter,response-header",
+    );
+    for _ in 0..3 {
+        let s = vm.http_stream();
+        // An `x-probe` command is ignored in floor mode: the request continues untouched.
+        let headers = request("GET", "/")
+            .with("x-api-key", "k")
+            .with("x-probe", "reply");
+        assert_eq!(s.request_headers(headers, true), Action::Continue);
+        assert!(s.local_reply().is_none());
+        assert_eq!(s.request_header("x-floor").as_deref(), Some("1"));
+        assert_eq!(s.response_headers(response(200), true), Action::Continue);
+        assert_eq!(s.response_header("x-floor").as_deref(), Some("1"));
+        s.finish();
+    }
+    assert_eq!(host.counter("probe.floor"), 3);
+    // One write per request (the first creates the key, then compare-and-swap): version 3.
+    let (value, version) = host.shared_data("keel/floor").unwrap();
+    assert_eq!(value.len(), 16);
+    assert_eq!(version, 3);
+}
+
+#[test]
+fn floor_mode_without_an_op_is_the_empty_filter_and_an_unknown_op_is_refused() {
+    let host = Host::new();
+    let vm = probe(&host, "floor=");
+    let s = vm.http_stream();
+    assert_eq!(
+        s.request_headers(request("GET", "/"), true),
+        Action::Continue
+    );
+    assert_eq!(s.response_headers(response(200), true), Action::Continue);
+    assert!(s.response_header("x-floor").is_none());
+    assert!(host.shared_data("keel/floor").is_none());
+
+    let vm = host
+        .vm("abi_probe")
+        .config("floor=header,teleport")
+        .start()
+        .unwrap();
+    assert!(!vm.configured());
+    assert!(vm
+        .logs()
+        .iter()
+        .any(|l| l.message.contains("unknown floor op \"teleport\"")));
+}

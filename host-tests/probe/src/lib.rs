@@ -33,13 +33,27 @@
 //! Plugin configuration: space-separated `key=value` words. `tick_ms=N` sets the tick period,
 //! `root_callout=UPSTREAM` makes the root send one callout on its first tick (and log the
 //! response), `refuse` makes `on_configure` return false.
+//!
+//! `floor=OP,OP,...` turns the probe into the Envoy benchmark's floor instrument: every request
+//! makes exactly the host calls listed, in this order, and continues (no `x-probe` command is
+//! read). It measures what the host calls a filter needs cost by themselves, before any logic:
+//!
+//! | op | host call |
+//! |---|---|
+//! | `time` | `get_current_time` |
+//! | `route` | the `xds.route_name` property |
+//! | `header` | the `x-api-key` request header |
+//! | `shared` | `get_shared_data("keel/floor")`, then `set_shared_data` with its version (a CAS) |
+//! | `set-header` | sets the request header `x-floor` |
+//! | `counter` | increments the counter `probe.floor` |
+//! | `response-header` | adds the response header `x-floor` (in `on_http_response_headers`) |
 
 use std::cell::RefCell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
@@ -54,6 +68,80 @@ thread_local! {
     static QUEUE: RefCell<Option<u32>> = const { RefCell::new(None) };
     /// The configurations, kept for the `config` command.
     static CONFIGS: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
+    /// `floor=...`: the host calls every request makes, or `None` for the command mode.
+    static FLOOR: RefCell<Option<Vec<FloorOp>>> = const { RefCell::new(None) };
+}
+
+/// One host call of the floor mode (see the module documentation).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FloorOp {
+    Time,
+    Route,
+    Header,
+    Shared,
+    SetHeader,
+    Counter,
+    ResponseHeader,
+}
+
+impl FloorOp {
+    fn parse(name: &str) -> Option<FloorOp> {
+        Some(match name {
+            "time" => FloorOp::Time,
+            "route" => FloorOp::Route,
+            "header" => FloorOp::Header,
+            "shared" => FloorOp::Shared,
+            "set-header" => FloorOp::SetHeader,
+            "counter" => FloorOp::Counter,
+            "response-header" => FloorOp::ResponseHeader,
+            _ => return None,
+        })
+    }
+
+    /// Makes the call; results are ignored (the floor measures the call, not its outcome).
+    fn run(self) {
+        match self {
+            FloorOp::Time => {
+                let _ = hostcalls::get_current_time();
+            }
+            FloorOp::Route => {
+                let _ = hostcalls::get_property(vec!["xds", "route_name"]);
+            }
+            FloorOp::Header => {
+                let _ = hostcalls::get_map_value(MapType::HttpRequestHeaders, "x-api-key");
+            }
+            FloorOp::Shared => {
+                if let Ok((value, cas)) = hostcalls::get_shared_data("keel/floor") {
+                    let value = value.unwrap_or_else(|| vec![0; 16]);
+                    let _ = hostcalls::set_shared_data("keel/floor", Some(&value), cas);
+                }
+            }
+            FloorOp::SetHeader => {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-floor", Some("1"));
+            }
+            FloorOp::Counter => {
+                if let Ok(id) = floor_counter() {
+                    let _ = hostcalls::increment_metric(id, 1);
+                }
+            }
+            // Made in on_http_response_headers.
+            FloorOp::ResponseHeader => {}
+        }
+    }
+}
+
+thread_local! {
+    static FLOOR_COUNTER: RefCell<Option<u32>> = const { RefCell::new(None) };
+}
+
+/// The floor's counter, defined once per VM.
+fn floor_counter() -> Result<u32, Status> {
+    if let Some(id) = FLOOR_COUNTER.with(|c| *c.borrow()) {
+        return Ok(id);
+    }
+    let id = hostcalls::define_metric(MetricType::Counter, "probe.floor")?;
+    FLOOR_COUNTER.with(|c| *c.borrow_mut() = Some(id));
+    Ok(id)
 }
 
 #[derive(Default)]
@@ -112,6 +200,22 @@ impl RootContext for ProbeRoot {
                     Err(_) => return false,
                 },
                 "root_callout" => self.root_callout = Some(value.to_string()),
+                "floor" => {
+                    let mut ops = Vec::new();
+                    for name in value.split(',').filter(|n| !n.is_empty()) {
+                        match FloorOp::parse(name) {
+                            Some(op) => ops.push(op),
+                            None => {
+                                log(
+                                    LogLevel::Error,
+                                    &format!("probe: unknown floor op {name:?}"),
+                                );
+                                return false;
+                            }
+                        }
+                    }
+                    FLOOR.with(|f| *f.borrow_mut() = Some(ops));
+                }
                 _ => return false,
             }
         }
@@ -371,6 +475,16 @@ impl Context for ProbeHttp {
 
 impl HttpContext for ProbeHttp {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        let floor = FLOOR.with(|f| {
+            f.borrow().as_ref().map(|ops| {
+                for op in ops {
+                    op.run();
+                }
+            })
+        });
+        if floor.is_some() {
+            return Action::Continue;
+        }
         self.command = self.arg("x-probe");
         self.run()
     }
@@ -388,6 +502,14 @@ impl HttpContext for ProbeHttp {
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        let stamp = FLOOR.with(|f| {
+            f.borrow()
+                .as_ref()
+                .is_some_and(|ops| ops.contains(&FloorOp::ResponseHeader))
+        });
+        if stamp {
+            let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, "x-floor", "1");
+        }
         if self.command == "late-read" {
             let late = self.get_http_request_header("x-probe");
             log(LogLevel::Info, &format!("late read: {late:?}"));
