@@ -177,7 +177,11 @@ fn half_open_admits_exactly_the_probes_across_both_workers_then_closes() {
     }
     assert_eq!(host.gauge("keel.circuit_breaker.orders.state"), 0);
     assert_eq!(host.gauge("keel.circuit_breaker.orders.open"), 0);
+    assert_eq!(host.counter("keel.circuit_breaker.orders.half_opened"), 1);
     assert_eq!(host.counter("keel.circuit_breaker.orders.closed"), 1);
+    // Refusals while half-open count as rejected too: 1 while open, 5 + 1 while half-open.
+    assert_eq!(host.counter("keel.circuit_breaker.orders.rejected"), 7);
+    assert_eq!(host.counter("keel.circuit_breaker.orders.calls"), 33);
 }
 
 #[test]
@@ -278,6 +282,60 @@ fn envoy_answers_for_a_missing_upstream_count_as_configured() {
     s.finish();
     assert_eq!(host.counter("keel.circuit_breaker.orders.calls"), 5);
     assert_eq!(failures(), 3);
+}
+
+#[test]
+fn envoys_503_for_a_closed_connection_counts_as_a_reset() {
+    // breaker_envoy.rs: an upstream that closes the connection without answering. Envoy
+    // answers 503 itself with flag UC; only 500 is a status failure here, but resets are
+    // failures, so five such answers open the breaker.
+    let host = Host::new();
+    let config = r#"{"breakers": [{"name": "catalog", "min_calls": 5, "open_for": "30s",
+        "failure": {"statuses": [500]}, "fallback": {"max_age": "60s", "max_body_bytes": 65536}}]}"#;
+    let vms = workers(&host, config, 2);
+    for i in 0..5 {
+        let s = send(&vms[i % 2], &format!("/catalog/{i}"));
+        assert!(admitted(&s), "call {i} reaches the upstream");
+        s.set_property("response.flags", UC);
+        answer(&s, 503);
+    }
+    assert_eq!(host.counter("keel.circuit_breaker.catalog.failures"), 5);
+    assert_eq!(
+        logged(
+            &vms,
+            "keel circuit-breaker: breaker catalog: closed -> open: 5 of 5 calls failed; open for 30s"
+        ),
+        1
+    );
+    let reply = send(&vms[0], "/catalog/9").local_reply().expect("open");
+    assert_eq!(
+        (reply.status, reply.body_text().as_str()),
+        (503, "circuit breaker open\n")
+    );
+    // The upstream's own 503, without the flag, is not listed: no failure.
+    let other = Host::new();
+    let vms = workers(&other, config, 1);
+    for _ in 0..5 {
+        let s = send(&vms[0], "/catalog/1");
+        answer(&s, 503);
+    }
+    assert_eq!(other.counter("keel.circuit_breaker.catalog.failures"), 0);
+    assert!(admitted(&send(&vms[0], "/catalog/1")));
+}
+
+#[test]
+fn every_answer_through_a_closed_breaker_is_one_successful_call() {
+    // breaker_envoy.rs's direct-response route: 200 answers over two workers.
+    let host = Host::new();
+    let vms = workers(&host, MINIMAL, 2);
+    for i in 0..200 {
+        assert!(call(&vms[i % 2], 200), "call {i} admitted");
+    }
+    assert_eq!(host.counter("keel.circuit_breaker.orders.calls"), 200);
+    assert_eq!(host.counter("keel.circuit_breaker.orders.failures"), 0);
+    assert_eq!(host.gauge("keel.circuit_breaker.orders.state"), 0);
+    assert_eq!(host.counter("keel.circuit_breaker.orders.store_errors"), 0);
+    assert!(vms.iter().all(|vm| vm.crashed().is_none()));
 }
 
 #[test]
@@ -421,6 +479,8 @@ fn the_fallback_serves_the_last_good_response_exactly() {
         host.counter("keel.circuit_breaker.orders.fallback_served"),
         2
     );
+    // A served fallback is a refusal too: 2 fallbacks and 5 open replies.
+    assert_eq!(host.counter("keel.circuit_breaker.orders.rejected"), 7);
 }
 
 #[test]
@@ -507,6 +567,7 @@ fn per_host_scope_opens_only_the_failing_host() {
     );
     assert_eq!(host.gauge("keel.circuit_breaker.per-host.open"), 1);
     assert_eq!(host.counter("keel.circuit_breaker.per-host.opened"), 1);
+    assert_eq!(host.counter("keel.circuit_breaker.per-host.rejected"), 4);
     assert!(host
         .shared_data_in("keel", "keel/circuit-breaker/per-host/host/10.0.0.2:80")
         .is_some());

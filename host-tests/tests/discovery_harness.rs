@@ -66,6 +66,8 @@ enum Answer {
     Body(Vec<u8>),
     /// The call fails without a response.
     Reset,
+    /// Nothing listens: Envoy's own 503 for a connection failure.
+    ConnectFailure,
     /// Noise: a valid answer with one byte changed, random bytes, or a truncated answer,
     /// drawn anew for each call.
     Noise,
@@ -182,6 +184,7 @@ impl World {
                     Answer::Status(s) => Response::new(s),
                     Answer::Body(b) => Response::new(200).body(b),
                     Answer::Reset => Response::reset(),
+                    Answer::ConnectFailure => Response::connect_failure(),
                     Answer::Noise => Response::new(200).body(self.noise()),
                 })
             }
@@ -518,6 +521,60 @@ fn a_failing_registry_leaves_the_last_known_set_serving() {
     );
 }
 
+#[test]
+fn an_etcd_outage_flags_the_set_stale_keeps_it_and_a_new_instance_joins_after() {
+    // discovery_envoy.rs's outage with the configuration as written (max_stale 5m): etcd
+    // stopped for 30 s, then back with a new instance.
+    let host = Host::new();
+    let world = World::install(&host, &[H1, H2, H3]);
+    let vms = workers(&host, &with_admin(), 2);
+    host.advance(Duration::from_secs(3));
+    assert_eq!(routable(&users(&host)), [H1, H2, H3]);
+    let failed_before = counter(&host, "refresh_failed");
+
+    world.set_answer(Answer::ConnectFailure);
+    let mut ages = Vec::new();
+    for _ in 0..30 {
+        host.advance(Duration::from_secs(1));
+        assert_eq!(
+            routable(&users(&host)),
+            [H1, H2, H3],
+            "the last known set serves"
+        );
+        ages.push(gauge(&host, "data_age_ms"));
+    }
+    assert!(ages.windows(2).all(|w| w[1] >= w[0]), "{ages:?}");
+    assert!(*ages.last().unwrap() >= 28_000, "{ages:?}");
+    assert_eq!(gauge(&host, "freshness"), 1, "flagged stale");
+    assert_eq!(admin(&vms[1])["services"][0]["freshness"], "stale");
+    let failed = counter(&host, "refresh_failed") - failed_before;
+    assert!(
+        (3..=20).contains(&failed),
+        "{failed} attempts in 30 s: backoff"
+    );
+    assert!(host
+        .logs()
+        .iter()
+        .any(|(_, l)| l.message.contains("registry refresh failed")));
+
+    // etcd comes back and a new instance registers: it joins within the backoff cap.
+    world.set_hosts(&[H1, H2, H3, H4]);
+    world.set_answer(Answer::Hosts);
+    let mut joined = false;
+    for _ in 0..120 {
+        host.advance(ms(100));
+        if routable(&users(&host)) == [H1, H2, H3, H4] {
+            joined = true;
+            break;
+        }
+    }
+    assert!(joined, "the new instance never joined: {:?}", users(&host));
+    host.advance(ms(300));
+    assert_eq!(gauge(&host, "freshness"), 0);
+    assert!(gauge(&host, "data_age_ms") < 2_000);
+    no_crash(&vms);
+}
+
 // ----- configuration -----
 
 #[test]
@@ -762,6 +819,44 @@ fn consecutive_failures_of_real_traffic_eject_a_host_for_a_growing_time() {
         one.ejected_until,
         Some(again_at.saturating_add(keel_core::time::Duration::from_secs(60)))
     );
+    no_crash(&vms);
+}
+
+#[test]
+fn an_ejected_host_stays_out_while_its_active_checks_pass() {
+    // discovery_envoy.rs: with the configuration as written (active checks on), an instance
+    // that fails real traffic but passes its checks is ejected, and stays ejected.
+    let host = Host::new();
+    World::install(&host, &[H1, H2, H3]);
+    let vms = workers(&host, &with_admin(), 2);
+    host.advance(Duration::from_secs(2));
+    assert_eq!(routable(&users(&host)), [H1, H2, H3]);
+    for i in 0..5 {
+        traffic(&vms[i % 2], H3, 503, Some("via_upstream"));
+    }
+    assert_eq!(routable(&users(&host)), [H1, H2]);
+    assert_eq!(counter(&host, "ejections"), 1);
+    assert!(vms
+        .iter()
+        .any(|vm| vm.has_log("127.0.0.1:18093 ejected for 30s after 5 consecutive failures")));
+    // Three seconds of passing checks later it is still out, and the admin document says why.
+    let checks_before = counter(&host, "checks_passed");
+    host.advance(Duration::from_secs(3));
+    assert!(counter(&host, "checks_passed") >= checks_before + 6);
+    assert_eq!(routable(&users(&host)), [H1, H2]);
+    let doc = admin(&vms[0]);
+    let record = doc["services"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == H3)
+        .unwrap()
+        .clone();
+    assert_eq!(record["check_healthy"], true, "{record}");
+    assert_eq!(record["routable"], false, "{record}");
+    let for_ms = record["ejected_for_ms"].as_u64().unwrap();
+    assert!((25_000..=30_000).contains(&for_ms), "{record}");
+    assert_eq!(gauge(&host, "endpoints_ejected"), 1);
     no_crash(&vms);
 }
 

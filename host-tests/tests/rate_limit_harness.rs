@@ -47,6 +47,9 @@ fn burst(vms: &[Vm], key: Option<&str>, n: usize) -> usize {
 fn two_workers_admit_exactly_the_burst_then_exactly_the_refill() {
     let host = Host::new();
     let vms = workers(&host, MINIMAL, 2);
+    assert!(vms
+        .iter()
+        .all(|vm| vm.has_log("keel rate-limit: configured policies: per-key")));
     assert_eq!(burst(&vms, Some("alice"), 1000), 100);
     host.advance(Duration::from_secs(1));
     // Counts reach the host's counters on the workers' next tick (they are batched).

@@ -228,6 +228,121 @@ fn attempts_happen_at_the_scheduled_times() {
 }
 
 #[test]
+fn a_failed_first_attempt_is_retried_once_on_two_workers_within_the_minimal_budget() {
+    // retry_envoy.rs's first test: 100 requests whose first attempt fails, over two workers
+    // sharing the budget (its reserve, 10/s over 10 s, plus 20 % of requests covers them all).
+    let host = Host::new();
+    let vms = workers(&host, MINIMAL, 2);
+    let n = 100;
+    for i in 0..n {
+        let vm = &vms[i % 2];
+        let id = format!("once-{i}");
+        let (stream, action) = first_attempt(vm, get(&id), 503);
+        assert_eq!(action, Action::Pause, "request {i} is held for a retry");
+        let (_, retry) = next_callout_within(&host, vm, ms(30)).expect("a retry");
+        // The retry is the same request.
+        assert_eq!(retry.header(":method"), Some("GET"));
+        assert_eq!(retry.header(":path"), Some("/orders?page=2"));
+        assert_eq!(retry.header("x-request-id"), Some(id.as_str()));
+        retry.respond(
+            Response::new(200)
+                .header("x-upstream-attempt", "2")
+                .body("backend"),
+        );
+        // The client gets the second attempt's answer in place of the held 503.
+        let reply = stream.local_reply().expect("the retry's answer");
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.body_text(), "backend");
+        assert_eq!(reply.header("x-upstream-attempt"), Some("2"));
+        assert_eq!(reply.header("x-keel-attempts"), Some("2"));
+        stream.finish();
+    }
+    assert!(
+        vms.iter().all(|vm| vm.callouts().is_empty()),
+        "no third attempt"
+    );
+    for (what, expected) in [
+        ("requests", n),
+        ("retries", n),
+        ("attempts_2", n),
+        ("recovered", n),
+        ("budget_exhausted", 0),
+    ] {
+        assert_eq!(
+            host.counter(&format!("keel.retry.default.{what}")),
+            expected as u64,
+            "{what}"
+        );
+    }
+    assert!(vms.iter().all(|vm| !crashed(vm)));
+}
+
+#[test]
+fn a_total_outage_costs_at_most_the_minimal_budget() {
+    // retry_envoy.rs's outage: 600 requests over two workers, every attempt a 503. Upstream
+    // attempts stay within n + 20 % of n + 10/s × 10 s.
+    let host = Host::new();
+    let vms = workers(&host, MINIMAL, 2);
+    let n: u64 = 600;
+    let streams: Vec<HttpStream> = (0..n as usize)
+        .map(|i| first_attempt(&vms[i % 2], get(&format!("down-{i}")), 503).0)
+        .collect();
+    let mut upstream_attempts = n;
+    // Answer every retry with a 503 until none is left (backoff is at most 250 ms).
+    let mut quiet_for = Duration::ZERO;
+    while quiet_for < ms(1000) {
+        host.advance(ms(5));
+        let callouts = host.callouts();
+        if callouts.is_empty() {
+            quiet_for += ms(5);
+        } else {
+            quiet_for = Duration::ZERO;
+        }
+        for callout in callouts {
+            upstream_attempts += 1;
+            callout.respond(Response::new(503).body("down"));
+        }
+    }
+    assert!(
+        host.elapsed() < Duration::from_secs(10),
+        "within one budget window"
+    );
+    let bound = n + n / 5 + 10 * 10;
+    assert!(
+        upstream_attempts <= bound,
+        "{upstream_attempts} upstream requests for {n} client requests"
+    );
+    // On the virtual clock every request falls in one window: the budget is spent to the last
+    // retry it allows.
+    assert_eq!(upstream_attempts, bound);
+    assert!(
+        upstream_attempts > n + 100,
+        "retries happened while the budget lasted: {upstream_attempts}"
+    );
+    let retries = host.counter("keel.retry.default.retries");
+    eprintln!(
+        "outage: {n} client requests -> {upstream_attempts} upstream requests; retries \
+         {retries}, budget_exhausted {}, bound {bound}",
+        host.counter("keel.retry.default.budget_exhausted")
+    );
+    assert_eq!(retries, upstream_attempts - n);
+    assert!(host.counter("keel.retry.default.budget_exhausted") > 0);
+    // Every client got a 503: the router's own when no retry was paid for, else the last
+    // attempt's.
+    for s in &streams {
+        let status = match s.local_reply() {
+            Some(reply) => reply.status,
+            None => {
+                assert_ne!(s.response_flow(), Flow::Paused, "a client is left waiting");
+                503
+            }
+        };
+        assert_eq!(status, 503);
+    }
+    assert!(vms.iter().all(|vm| !crashed(vm)));
+}
+
+#[test]
 fn max_attempts_ends_with_the_last_response() {
     let host = Host::new();
     let vm = worker(&host, MINIMAL);
@@ -698,6 +813,39 @@ fn callout_mode_sends_every_attempt_as_a_callout() {
     host.declare_upstreams(["other"]);
     let stream = vm.http_stream();
     assert_eq!(stream.request_headers(get("c2"), true), Action::Continue);
+    assert!(!crashed(&vm));
+}
+
+#[test]
+fn stalled_callout_attempts_end_at_the_per_try_timeout() {
+    // retry_envoy.rs's stalled upstream: every attempt a callout given 200 ms, none answered.
+    let host = Host::new();
+    let vm = worker(
+        &host,
+        &MINIMAL.replace(
+            r#""max_attempts": 3,"#,
+            r#""max_attempts": 3, "first_attempt": "callout", "per_try_timeout": "200ms","#,
+        ),
+    );
+    let stream = vm.http_stream();
+    stream.set_property("route_name", "orders");
+    assert_eq!(stream.request_headers(get("stalled"), true), Action::Pause);
+    let mut attempts = 0;
+    for _ in 0..3 {
+        let (_, callout) = next_callout_within(&host, &vm, ms(300)).expect("an attempt");
+        assert_eq!(callout.timeout, Some(ms(200)));
+        attempts += 1;
+        // Nobody answers: the host's timeout answers 504 once the per-try timeout passes.
+        host.advance(ms(200));
+    }
+    host.advance(ms(1000));
+    assert!(vm.callouts().is_empty(), "no fourth attempt");
+    assert_eq!(attempts, 3);
+    let reply = stream.local_reply().expect("the last attempt's answer");
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.body_text(), "upstream request timeout");
+    assert_eq!(reply.header("x-keel-attempts"), Some("3"));
+    assert_eq!(host.counter("keel.retry.default.max_attempts"), 1);
     assert!(!crashed(&vm));
 }
 
