@@ -186,7 +186,7 @@ def admin_get(path: str, addr=ADMIN) -> Answer:
 
 
 def stats() -> dict[str, int]:
-    text = admin_get("/stats?filter=keel").body.decode(errors="replace")
+    text = admin_get("/stats?filter=wasmcustom.keel%7Ccluster.pool.outlier_detection.ejections_enforced_total").body.decode(errors="replace")
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(": ")
@@ -509,6 +509,7 @@ def phase_b(demo: Demo, seconds: float) -> None:
         "recovered": delta("wasmcustom.keel.retry.api.recovered"),
         "budget_exhausted": delta("wasmcustom.keel.retry.api.budget_exhausted"),
         "ejections": delta("wasmcustom.keel.discovery.users.ejections"),
+        "pool_ejections": delta("cluster.pool.outlier_detection.ejections_enforced_total"),
         "users_retries": delta("wasmcustom.keel.retry.users.retries"),
         "users_recovered": delta("wasmcustom.keel.retry.users.recovered"),
         "breaker_open_within_s": breaker_open_s,
@@ -874,7 +875,9 @@ def write_report(demo: Demo, total_s: float) -> Path:
                 "",
                 f"- /api/: {b['api_client_errors']} client-visible errors of {b['api_requests']} requests; "
                 f"{b['api_retried_ok']} answered after a retry (keel.retry: {b['retries']} retries, "
-                f"{b['recovered']} recovered, budget exhausted {b['budget_exhausted']} times). "
+                f"{b['recovered']} recovered, budget exhausted {b['budget_exhausted']} times) until Envoy's "
+                f"outlier detection took {FAILING} out of the static pool ({b['pool_ejections']} ejection(s), "
+                "10 s each). "
                 f"The cluster breaker `api` opened {b['api_breaker_opened']} times (one upstream of three "
                 "stays under its 50 % threshold).",
                 f"- /users/: {b['users_client_errors']} client-visible errors of {b['users_requests']} requests "
