@@ -1,6 +1,6 @@
 # Keel: build, test, demo and benchmark the proxy-wasm filters.
 #
-#   make demo    run the demo (builds and installs what is missing)
+#   make demo    run the demo: all five filters in one Envoy, four phases, report in demo-report/
 #   make test    everything CI checks: format, clippy (host + wasm32), core tests natively and
 #                on wasm32 under Node, harness tests, Envoy end-to-end tests
 #   make bench   the benchmarks; results in bench-results/
@@ -90,7 +90,7 @@ test-wasm32:
 	  $(CARGO) test -p keel-core --target wasm32-unknown-unknown
 
 test-host: build
-	$(CARGO) test -p keel-host-tests
+	$(CARGO) test -p keel-upstream -p keel-host-tests
 
 test: setup lint test-core test-wasm32 test-host
 	@echo "make test: all checks passed"
@@ -100,7 +100,7 @@ bench: setup build
 	$(PYTHON) bench/envoy_bench.py
 
 demo: setup build
-	TARGET_DIR=$(TARGET_DIR) bash examples/demo.sh
+	TARGET_DIR=$(TARGET_DIR) $(PYTHON) examples/demo.py
 
 clean:
 	rm -rf dist target demo-report

@@ -109,18 +109,39 @@ fn a_bad_configuration_makes_envoy_refuse_the_filter_with_our_message() {
     );
 }
 
+/// Every Envoy config under `envoy/` and `examples/` (any depth; a YAML file with
+/// `static_resources`, so not docker-compose files) passes `envoy --mode validate`.
 #[test]
 fn every_config_in_envoy_validates() {
-    let dir = keel_host_tests::repo_root().join("envoy");
-    let mut checked = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml") && !path.ends_with("docker-compose.yaml") {
-            let relative = path.strip_prefix(keel_host_tests::repo_root()).unwrap();
-            keel_host_tests::envoy::validate(relative)
-                .unwrap_or_else(|e| panic!("{}: {e}", relative.display()));
-            checked += 1;
+    fn walk(dir: &std::path::Path, found: &mut Vec<std::path::PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, found);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+                && std::fs::read_to_string(&path)
+                    .unwrap()
+                    .contains("static_resources:")
+            {
+                found.push(path);
+            }
         }
     }
-    assert!(checked >= 2);
+    let root = keel_host_tests::repo_root();
+    let mut configs = Vec::new();
+    walk(&root.join("envoy"), &mut configs);
+    walk(&root.join("examples"), &mut configs);
+    configs.sort();
+    for path in &configs {
+        let relative = path.strip_prefix(&root).unwrap();
+        keel_host_tests::envoy::validate(relative)
+            .unwrap_or_else(|e| panic!("{}: {e}", relative.display()));
+    }
+    assert!(
+        configs.iter().any(|p| p.ends_with("envoy/composed.yaml")),
+        "{configs:?}"
+    );
 }

@@ -23,6 +23,7 @@
 //!   [`IDENTITY_CAPACITY`] identities (then starts over), so a long demo does not grow memory.
 
 pub mod control;
+pub mod registry;
 mod server;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! keel-upstream --name users-1 --port 18091 [--bind 127.0.0.1] [--fail-rate 0.0] [--status 500]
+//!               [--etcd http://127.0.0.1:2379 --register /services/users/ [--ttl 3s]
+//!                [--advertise 10.0.0.7]]
 //! ```
 //!
 //! It answers `200` with its name as the body (header `x-upstream: <name>`), `/healthz` with
@@ -9,15 +11,25 @@
 //! when it is ready. A running process is switched over HTTP on the same port, e.g.
 //! `curl -XPOST localhost:18091/__keel/mode -d '{"mode":"fail","status":503}'` and
 //! `curl localhost:18091/__keel/stats` (see `keel_upstream::control`).
+//!
+//! With `--etcd` it registers itself: the key `<register><name>` holds
+//! `{"address": <advertise or bind>, "port": <port>}` under a lease of `--ttl` (default 3s),
+//! kept alive every third of the TTL and granted again if etcd lost it; SIGTERM or SIGINT
+//! revoke the lease (the key vanishes at once) before the process exits
+//! (see `keel_upstream::registry`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::thread;
 
+use std::time::Duration;
+
+use keel_upstream::registry::{Event, Registration};
 use keel_upstream::{Mode, Upstream};
 
 const USAGE: &str = "usage: keel-upstream --name NAME --port PORT [--bind ADDRESS] \
-                     [--fail-rate RATE] [--status STATUS]";
+                     [--fail-rate RATE] [--status STATUS] \
+                     [--etcd URL --register PREFIX [--ttl DURATION] [--advertise ADDRESS]]";
 
 struct Options {
     name: String,
@@ -25,6 +37,10 @@ struct Options {
     bind: IpAddr,
     fail_rate: f64,
     status: u16,
+    etcd: Option<String>,
+    register: Option<String>,
+    ttl: Duration,
+    advertise: Option<IpAddr>,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -34,6 +50,10 @@ fn parse(args: &[String]) -> Result<Options, String> {
         bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
         fail_rate: 0.0,
         status: 500,
+        etcd: None,
+        register: None,
+        ttl: Duration::from_secs(3),
+        advertise: None,
     };
     let mut port = None;
     let mut args = args.iter();
@@ -74,6 +94,19 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     .filter(|s: &u16| (100..=599).contains(s))
                     .ok_or_else(|| format!("--status: expected an HTTP status, got {value:?}"))?
             }
+            "--etcd" => options.etcd = Some(value.clone()),
+            "--register" => options.register = Some(value.clone()),
+            "--ttl" => {
+                options.ttl = keel_core::time::Duration::parse(value)
+                    .map(|d| Duration::from_nanos(d.as_nanos()))
+                    .map_err(|_| format!("--ttl: expected a duration like \"3s\", got {value:?}"))?
+            }
+            "--advertise" => {
+                options.advertise =
+                    Some(value.parse().map_err(|_| {
+                        format!("--advertise: expected an IP address, got {value:?}")
+                    })?)
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -81,6 +114,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
         return Err("--name is required".to_string());
     }
     options.port = port.ok_or("--port is required")?;
+    if options.etcd.is_some() != options.register.is_some() {
+        return Err("--etcd and --register go together".to_string());
+    }
     Ok(options)
 }
 
@@ -97,6 +133,20 @@ fn main() -> ExitCode {
         }
     };
     let addr = SocketAddr::new(options.bind, options.port);
+    let registration = match (&options.etcd, &options.register) {
+        (Some(url), Some(prefix)) => {
+            let advertised =
+                SocketAddr::new(options.advertise.unwrap_or(options.bind), options.port);
+            match Registration::new(url, prefix, &options.name, advertised, options.ttl) {
+                Ok(registration) => Some(registration),
+                Err(message) => {
+                    eprintln!("keel-upstream: {message}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        _ => None,
+    };
     let upstream = match Upstream::start_at(&options.name, addr) {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -117,9 +167,58 @@ fn main() -> ExitCode {
         options.fail_rate,
         options.status
     );
-    // Serving happens on the upstream's own runtime; this thread only keeps it alive until
-    // the process is interrupted.
-    loop {
-        thread::park();
+    let Some(registration) = registration else {
+        // Serving happens on the upstream's own runtime; this thread only keeps it alive until
+        // the process is interrupted.
+        loop {
+            thread::park();
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("keel-upstream: starting the registration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let name = options.name.clone();
+    runtime.block_on(registration.run(stop_signal(), |event| match event {
+        Event::Registered { lease } => println!(
+            "keel-upstream {name}: registered {} = {} in etcd {} (lease {lease:x}, ttl {}s)",
+            registration.key,
+            registration.value,
+            registration.etcd,
+            registration.ttl.as_secs()
+        ),
+        Event::LeaseLost { lease } => {
+            println!("keel-upstream {name}: etcd lost lease {lease:x}; registering again")
+        }
+        Event::Failed { error } => eprintln!("keel-upstream {name}: {error}"),
+        Event::Revoked { lease } => println!(
+            "keel-upstream {name}: revoked lease {lease:x}; {} removed",
+            registration.key
+        ),
+    }));
+    drop(upstream);
+    ExitCode::SUCCESS
+}
+
+/// Completes at the first SIGTERM or SIGINT (never, if neither can be watched).
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
     }
 }
