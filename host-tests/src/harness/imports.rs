@@ -594,6 +594,7 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "proxy_get_property",
         |mut c: C<'_>, path_ptr: i32, path_size: i32, ptr_ptr: i32, size_ptr: i32| -> R {
             let path = split_path(&read(&mut c, path_ptr, path_size)?);
+            *c.data_mut().property_reads.entry(path.clone()).or_default() += 1;
             let Some(value) = property(c.data_mut(), &path) else {
                 return Ok(Status::NotFound.code());
             };

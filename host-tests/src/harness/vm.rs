@@ -76,6 +76,8 @@ pub(crate) struct VmState {
     pub(crate) last_metric: u32,
     pub(crate) logs: Vec<LogEntry>,
     pub(crate) properties: BTreeMap<Vec<String>, Vec<u8>>,
+    /// How many times the module asked for each property path (found or not).
+    pub(crate) property_reads: BTreeMap<Vec<String>, u64>,
     pub(crate) crashed: Option<String>,
     /// `proxy_get_status`: set to BrokenConnection/"reset" while a failed callout is delivered.
     pub(crate) status: (u32, String),
@@ -651,6 +653,13 @@ impl Vm {
         self.read(|st| String::from_utf8_lossy(&st.stderr.contents()).into_owned())
     }
 
+    /// How many times the module asked for the property at `path` (found or not), e.g.
+    /// `["xds", "route_name"]`: property reads are among a filter's dearer host calls.
+    pub fn property_reads(&self, path: &[&str]) -> u64 {
+        let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        self.read(|st| st.property_reads.get(&path).copied().unwrap_or(0))
+    }
+
     /// Sets a property this VM's contexts see (over the host's, under a stream's).
     pub fn set_property(&self, path: impl PropertyPath, value: impl PropertyValue) {
         lock(&self.cell.inner)
@@ -800,6 +809,7 @@ impl VmBuilder {
             last_metric: 0,
             logs: Vec::new(),
             properties: BTreeMap::new(),
+            property_reads: BTreeMap::new(),
             crashed: None,
             status: (0, String::new()),
             stop_iteration: false,
