@@ -1,6 +1,7 @@
 //! `keel.wasm`: every Keel filter in one module, each selected by its plugin's `root_id`
 //! (`circuit_breaker`, `retry`, `rate_limit`, `picker`, `discovery`), built from the same filter
-//! crates as the modules of one filter each.
+//! crates as the modules of one filter each; and root_id `pipeline`, one filter that runs
+//! several of them per request as stages (`keel_proxy::pipeline`, `docs/config/pipeline.md`).
 //!
 //! Envoy gives every plugin of a module its own root context, and proxy-wasm's Rust SDK makes
 //! them all with the one factory installed by `set_root_context`. The factory reads the
@@ -16,6 +17,7 @@
 //! share linear memory and shared data, each with its own root context.
 
 use keel_proxy::log;
+use keel_proxy::pipeline::Filters;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::ContextType;
 
@@ -25,13 +27,29 @@ const SUITE: &str = "suite";
 type Factory = fn(u32) -> Box<dyn RootContext>;
 
 /// The filters of the module, by root_id.
-const FILTERS: [(&str, Factory); 5] = [
+const FILTERS: [(&str, Factory); 6] = [
     ("circuit_breaker", keel_circuit_breaker::root),
     ("retry", keel_retry::root),
     ("rate_limit", keel_rate_limit::root),
     ("picker", keel_picker::root),
     ("discovery", keel_discovery::root),
+    ("pipeline", pipeline),
 ];
+
+/// The filters a pipeline runs as stages, by the names its configuration gives them (their
+/// root_ids).
+const STAGES: Filters = &[
+    ("circuit_breaker", keel_circuit_breaker::stage),
+    ("retry", keel_retry::stage),
+    ("rate_limit", keel_rate_limit::stage),
+    ("picker", keel_picker::stage),
+    ("discovery", keel_discovery::stage),
+];
+
+/// The pipeline's root context.
+fn pipeline(context_id: u32) -> Box<dyn RootContext> {
+    keel_proxy::pipeline::root(context_id, STAGES)
+}
 
 keel_proxy::module!(root);
 

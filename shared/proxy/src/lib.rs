@@ -21,6 +21,8 @@
 //!   context (switch to it, resume it, answer in its place).
 //! - [`stage`]: what a filter asks of whatever runs it (configuration, tick, resuming a stream
 //!   it paused): the host itself, or Keel's pipeline.
+//! - [`pipeline`]: one Envoy filter that runs several Keel filters per request as stages, in
+//!   order, with one root context, one stream context and shared host reads.
 //!
 //! Every function here returns a value or an `Option`: host errors are logged or ignored, never
 //! unwrapped, because a panic in a VM takes down every request of its worker.
@@ -30,6 +32,7 @@ pub mod config;
 pub mod http_call;
 pub mod log;
 pub mod metrics;
+pub mod pipeline;
 pub mod reply;
 pub mod request;
 pub mod response;

@@ -3,7 +3,7 @@
 //!
 //! A Keel filter runs either as an Envoy filter of its own (its module, or `keel.wasm` by
 //! root_id) or as one stage of Keel's pipeline (one Envoy filter that runs several Keel
-//! filters per request, the `pipeline` module). The filter's code is the same in both; the
+//! filters per request, see [`crate::pipeline`]). The filter's code is the same in both; the
 //! [`Stage`] it is given at creation answers the few things that differ:
 //!
 //! - its configuration: the plugin configuration, or the stage's part of the pipeline's;
