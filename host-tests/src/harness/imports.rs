@@ -79,6 +79,7 @@ fn give(c: &mut C<'_>, data: &[u8], ptr_ptr: i32, size_ptr: i32) -> wasmtime::Re
             wasmtime::bail!("the module exports no proxy_on_memory_allocate");
         };
         let alloc = alloc.typed::<i32, i32>(&*c)?;
+        c.data_mut().allocations += 1;
         address = alloc.call(&mut *c, data.len() as i32)?;
         if address == 0 {
             wasmtime::bail!("proxy_on_memory_allocate returned null");
