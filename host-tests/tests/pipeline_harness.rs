@@ -428,6 +428,7 @@ fn one_pipeline_enters_the_vm_far_less_often_than_five_filters() {
     );
     // One filter instance's callbacks instead of five's.
     assert_eq!(piped.0 * 5, alone.0);
-    // The stages' host reads that return data are shared where they are the same read.
-    assert!(piped.1 <= alone.1, "{piped:?} vs {alone:?}");
+    // The stages' host reads that are the same read are made once (here the response's
+    // status, which the breaker and retry both read).
+    assert!(piped.1 < alone.1, "{piped:?} vs {alone:?}");
 }

@@ -21,6 +21,8 @@
 //!   context (switch to it, resume it, answer in its place).
 //! - [`stage`]: what a filter asks of whatever runs it (configuration, tick, resuming a stream
 //!   it paused): the host itself, or Keel's pipeline.
+//! - [`memo`]: one stream's host reads (route, cluster, status, time), shared by the stages of
+//!   a pipeline.
 //! - [`pipeline`]: one Envoy filter that runs several Keel filters per request as stages, in
 //!   order, with one root context, one stream context and shared host reads.
 //!
@@ -31,6 +33,7 @@ pub mod clock;
 pub mod config;
 pub mod http_call;
 pub mod log;
+pub mod memo;
 pub mod metrics;
 pub mod pipeline;
 pub mod reply;

@@ -5,7 +5,7 @@
 //! Why: each wasm filter instance in an Envoy chain costs a VM crossing per callback and per
 //! host call, so five of them cost several times one. The pipeline is one filter instance: one
 //! root context, one stream context per request, and the host reads the stages share (the
-//! route and cluster names, [`routing::Memo`]) made once per request.
+//! route and cluster names, the response's status, the time: [`Memo`]) made once.
 //!
 //! How: each stage is the filter's own root context, made by the filter crate's `stage`
 //! function with a [`Stage`] whose [`Driver`] is the pipeline. A request's stream holds one
@@ -40,6 +40,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType};
 use serde::Deserialize;
 
+use crate::memo::{self, Memo};
 use crate::routes::RouteMatch;
 use crate::stage::{Driver, Stage};
 use crate::{clock, log, routing};
@@ -313,18 +314,19 @@ struct LaneInner {
     /// The arguments of the headers callbacks, for stages run on a resume.
     request_headers: (usize, bool),
     response_headers: (usize, bool),
-    /// The stream's route and cluster, once read.
-    memo: Option<routing::Memo>,
+    /// The stream's host reads, once read.
+    memo: Option<Memo>,
 }
 
 impl Lane {
     /// Runs `f` on the lane with its memo installed; `None` when the lane is already running.
     fn run<R>(&self, f: impl FnOnce(&mut LaneInner) -> R) -> Option<R> {
         let mut inner = self.inner.try_borrow_mut().ok()?;
-        let memo = inner.memo.take().unwrap_or_default();
-        let outer = routing::swap_memo(Some(memo));
+        let mut memo = inner.memo.take().unwrap_or_default();
+        memo.new_callback();
+        let outer = memo::swap(Some(memo));
         let result = f(&mut inner);
-        inner.memo = routing::swap_memo(outer);
+        inner.memo = memo::swap(outer);
         Some(result)
     }
 }
@@ -488,6 +490,7 @@ impl HttpContext for PipelineStream {
 
     fn on_http_response_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
         self.run(|inner, lane| {
+            memo::forget_status();
             inner.response_headers = (num_headers, end_of_stream);
             let all = inner.entered;
             inner.response_headers_below(&lane.resumed, all)

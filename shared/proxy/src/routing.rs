@@ -9,8 +9,6 @@
 //! for an `ORIGINAL_DST` cluster ([`ORIGINAL_DST_HOST`]), as set by Keel's picker running
 //! earlier in the chain.
 
-use std::cell::RefCell;
-
 use proxy_wasm::hostcalls;
 
 /// The request header an `ORIGINAL_DST` cluster with `use_http_header: true` routes by
@@ -22,46 +20,11 @@ fn property_text(path: &[&str]) -> Option<String> {
     String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
 }
 
-/// What one stream's route and cluster are, once read: a pipeline runs several filters on a
-/// stream, and each may ask; the host is asked once per stream (a property read is one of the
-/// dearer host calls). The pipeline installs a stream's memo while it runs that stream's
-/// stages ([`swap_memo`]); a filter running alone has none and reads each time it asks (it
-/// asks once per request).
-#[derive(Clone, Debug, Default)]
-pub struct Memo {
-    route: Option<Option<String>>,
-    cluster: Option<Option<String>>,
-}
-
-thread_local! {
-    /// The memo of the stream whose stages run now. A VM runs one callback at a time.
-    static MEMO: RefCell<Option<Memo>> = const { RefCell::new(None) };
-}
-
-/// Installs `memo` for the stream whose stages are about to run (`None`: no memo) and returns
-/// the one it replaces; the caller puts that back when the stages return.
-pub fn swap_memo(memo: Option<Memo>) -> Option<Memo> {
-    MEMO.with(|m| m.replace(memo))
-}
-
-/// Reads through the installed memo, if any.
-fn remembered(
-    slot: fn(&mut Memo) -> &mut Option<Option<String>>,
-    read: fn() -> Option<String>,
-) -> Option<String> {
-    MEMO.with(|m| match m.try_borrow_mut() {
-        Ok(mut memo) => match memo.as_mut() {
-            Some(memo) => slot(memo).get_or_insert_with(read).clone(),
-            None => read(),
-        },
-        Err(_) => read(),
-    })
-}
-
 /// The Envoy route name: `xds.route_name`, else `route_name` (older Envoys, the harness).
-/// `None` for a route without a name.
+/// `None` for a route without a name. Read once for all the stages of a pipeline
+/// ([`crate::memo`]).
 pub fn route_name() -> Option<String> {
-    remembered(
+    crate::memo::remembered(
         |m| &mut m.route,
         || property_text(&["xds", "route_name"]).or_else(|| property_text(&["route_name"])),
     )
@@ -70,7 +33,7 @@ pub fn route_name() -> Option<String> {
 /// The cluster the route sends to: `xds.cluster_name`, else `cluster_name`. `None` for a
 /// route without a cluster (`direct_response`, redirects).
 pub fn cluster_name() -> Option<String> {
-    remembered(
+    crate::memo::remembered(
         |m| &mut m.cluster,
         || property_text(&["xds", "cluster_name"]).or_else(|| property_text(&["cluster_name"])),
     )
