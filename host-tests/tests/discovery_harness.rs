@@ -1,8 +1,8 @@
 //! The discovery filter in Keel's wasmtime host: several workers sharing data, a virtual clock,
 //! a registry and health checks played by a responder.
 //!
-//! Build the module first: `cargo build --release --target wasm32-wasip1 -p keel-discovery`
-//! and copy it to `dist/keel_discovery.wasm` (or `make build`).
+//! Build the modules first: `make build` (dist/keel_discovery.wasm and dist/keel.wasm; the
+//! keel-discovery crate is now a library, its module is keel-discovery-module)
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may unwrap
 
