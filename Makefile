@@ -5,7 +5,7 @@
 #                on wasm32 under Node, harness tests, Envoy end-to-end tests
 #   make bench   the benchmarks; results in bench-results/
 #   make setup   install the toolchain pieces, Envoy and the load tools (idempotent)
-#   make build   build every filter into dist/keel_<filter>.wasm
+#   make build   build every filter into dist/keel_<filter>.wasm, and all of them into dist/keel.wasm
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -19,10 +19,16 @@ ENVOY := $(VENV)/envoy
 WASM_TARGET := wasm32-wasip1
 # Where cargo writes: honours CARGO_TARGET_DIR like cargo does.
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
-# Every cdylib of the workspace, as cargo package names; each lands in dist/keel_<name>.wasm.
-MODULES := keel-rate-limit keel-circuit-breaker keel-retry keel-picker keel-discovery keel-empty keel-abi-probe
+# Every cdylib of the workspace, as `cargo package:dist name`: each lands in dist/<name>.wasm.
+# The filters are libraries (filters/*); a module crate (modules/*) makes one filter a module,
+# and keel-suite puts all five in keel.wasm, chosen by root_id.
+MODULES := keel-rate-limit-module:keel_rate_limit keel-circuit-breaker-module:keel_circuit_breaker \
+  keel-retry-module:keel_retry keel-picker-module:keel_picker keel-discovery-module:keel_discovery \
+  keel-suite:keel keel-empty:keel_empty keel-abi-probe:keel_abi_probe
+MODULE_PACKAGES := $(foreach m,$(MODULES),$(firstword $(subst :, ,$(m))))
+FILTER_CRATES := keel-rate-limit keel-circuit-breaker keel-retry keel-picker keel-discovery
 # Crates that compile to wasm (checked by clippy for wasm32 too).
-WASM_CRATES := keel-core keel-proxy $(MODULES)
+WASM_CRATES := keel-core keel-proxy $(FILTER_CRATES) $(MODULE_PACKAGES)
 # wasm-opt (binaryen, from make setup) shrinks the modules by about a sixth at no measured CPU
 # cost; it must be told which wasm features rustc's output uses.
 WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals
@@ -64,16 +70,16 @@ $(ENVOY):
 
 build:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
-	$(CARGO) build --release --target $(WASM_TARGET) $(addprefix -p ,$(MODULES))
+	$(CARGO) build --release --target $(WASM_TARGET) $(addprefix -p ,$(MODULE_PACKAGES))
 	@mkdir -p dist
 	@for m in $(MODULES); do \
-	  f=$$(echo $$m | tr - _); \
+	  f=$$(echo $${m%%:*} | tr - _); out=$${m##*:}; \
 	  if command -v wasm-opt >/dev/null; then \
-	    wasm-opt -Oz $(WASM_OPT_FEATURES) $(TARGET_DIR)/$(WASM_TARGET)/release/$$f.wasm -o dist/$$f.wasm; \
+	    wasm-opt -Oz $(WASM_OPT_FEATURES) $(TARGET_DIR)/$(WASM_TARGET)/release/$$f.wasm -o dist/$$out.wasm; \
 	  else \
-	    cp $(TARGET_DIR)/$(WASM_TARGET)/release/$$f.wasm dist/$$f.wasm; \
+	    cp $(TARGET_DIR)/$(WASM_TARGET)/release/$$f.wasm dist/$$out.wasm; \
 	  fi; \
-	  printf '  dist/%-28s %7d bytes\n' $$f.wasm $$(stat -c %s dist/$$f.wasm); \
+	  printf '  dist/%-28s %7d bytes\n' $$out.wasm $$(stat -c %s dist/$$out.wasm); \
 	done
 
 lint:

@@ -85,14 +85,20 @@ class Scenario:
     wasm_opt: bool = False
     # Text replacements applied to the config (e.g. the floor instrument's host calls).
     substitutions: tuple = ()
+    # Further modules the config loads (a composition of several modules), taken from --dist too.
+    extra_modules: tuple = ()
 
 
-# The table of scenarios. Future filters add a line here and a config in bench/envoy/, e.g.
+# The five Keel filters on one route, as each composition's config names them.
+FIVE = ("keel.rate_limit", "keel.circuit_breaker", "keel.retry", "keel.picker", "keel.discovery")
+# What shows each of the five did its work on every request (the picker and discovery have no
+# per-request counter: the picker's picks are counted per second, discovery acts on ticks).
+FIVE_COUNTERS = ("rate_limit.bench.allowed", "circuit_breaker.orders.calls", "retry.default.requests")
+
+# The table of scenarios. A filter adds a line here and a config in bench/envoy/, e.g.
 #   Scenario("keel-circuit-breaker", "keel-circuit-breaker.yaml", "...",
 #            module="dist/keel_circuit_breaker.wasm", filters=("keel.circuit_breaker",),
 #            target=1.15),
-#   Scenario("keel-suite", "keel-suite.yaml", "the five-filter suite module", module="dist/keel.wasm",
-#            filters=(...), target=2.0),
 SCENARIOS = [
     Scenario(
         "bare",
@@ -176,6 +182,41 @@ SCENARIOS = [
             ("breaker", "shared", "the breaker: state get + CAS"),
             ("picker", "header,set-header", "the picker: key header, routing header"),
         )
+    ),
+    # All five filters active on one route, three ways; the issue's target for the composition
+    # is 2x one empty filter's overhead.
+    Scenario(
+        "keel-five-modules",
+        "keel-five-modules.yaml",
+        "all five Keel filters on one route as five separate modules (keel_<filter>.wasm)",
+        module="dist/keel_rate_limit.wasm",
+        extra_modules=(
+            "dist/keel_circuit_breaker.wasm",
+            "dist/keel_retry.wasm",
+            "dist/keel_picker.wasm",
+            "dist/keel_discovery.wasm",
+        ),
+        filters=FIVE,
+        per_request_counters=FIVE_COUNTERS,
+        target=2.0,
+    ),
+    Scenario(
+        "keel-five-root-ids",
+        "keel-five-root-ids.yaml",
+        "all five on one route as five root_ids of keel.wasm, one vm_id: five filter instances, one VM",
+        module="dist/keel.wasm",
+        filters=FIVE,
+        per_request_counters=FIVE_COUNTERS,
+        target=2.0,
+    ),
+    Scenario(
+        "keel-five-pipeline",
+        "keel-five-pipeline.yaml",
+        "all five on one route as the stages of the pipeline (root_id pipeline of keel.wasm): one filter instance",
+        module="dist/keel.wasm",
+        filters=("keel.pipeline",),
+        per_request_counters=FIVE_COUNTERS,
+        target=2.0,
     ),
 ]
 
@@ -540,12 +581,20 @@ def wasm_opt(module: Path, out: Path) -> Optional[str]:
     return None
 
 
-def with_module(text: str, scenario: Scenario, module: Path) -> str:
-    """The config text loading `module` (an absolute path) where it names `scenario.module`."""
+def with_module(text: str, scenario: Scenario, module: Path, dist: Optional[Path] = None) -> str:
+    """The config text loading `module` (an absolute path) where it names `scenario.module`
+    (once, or for every plugin of a module loaded several times), and the scenario's other
+    modules from `dist`."""
     named = f"filename: {scenario.module}"
-    if text.count(named) != 1:
-        raise BenchError(f"{scenario.config}: expected exactly one `{named}`")
-    return text.replace(named, f"filename: {module}")
+    if text.count(named) < 1:
+        raise BenchError(f"{scenario.config}: expected `{named}`")
+    text = text.replace(named, f"filename: {module}")
+    for extra in scenario.extra_modules:
+        named = f"filename: {extra}"
+        if text.count(named) < 1 or dist is None:
+            raise BenchError(f"{scenario.config}: expected `{named}`")
+        text = text.replace(named, f"filename: {dist / Path(extra).name}")
+    return text
 
 
 def plan(selected: list, dist: Path, workdir: Path, with_wasm_opt: bool, notes: list) -> list:
@@ -558,12 +607,13 @@ def plan(selected: list, dist: Path, workdir: Path, with_wasm_opt: bool, notes: 
             planned.append(Planned(scenario, text, None))
             continue
         module = dist / Path(scenario.module).name
-        if not module.exists():
-            why = f"{display(module)} is missing (run `make build`)"
+        missing = [m for m in (module, *(dist / Path(e).name for e in scenario.extra_modules)) if not m.exists()]
+        if missing:
+            why = f"{', '.join(display(m) for m in missing)} missing (run `make build`)"
             notes.append(f"skipped `{scenario.name}`: {why}")
             print(f"skip {scenario.name}: {why}", flush=True)
             continue
-        planned.append(Planned(scenario, with_module(text, scenario, module), module))
+        planned.append(Planned(scenario, with_module(text, scenario, module, dist), module))
         if scenario.wasm_opt and with_wasm_opt:
             out = workdir / f"{module.stem}.oz.wasm"
             why_not = wasm_opt(module, out)

@@ -26,3 +26,32 @@ pub fn repo_root() -> PathBuf {
 pub fn module_path(name: &str) -> PathBuf {
     repo_root().join("dist").join(format!("keel_{name}.wasm"))
 }
+
+/// The path of the suite module, `dist/keel.wasm` (every filter, chosen by root_id).
+pub fn suite_path() -> PathBuf {
+    repo_root().join("dist").join("keel.wasm")
+}
+
+/// Where a test takes a filter from: the filter's own module or the suite module. Tests of a
+/// filter's key behaviour run over [`Module::BOTH`]: the two are built from the same crate and
+/// must behave the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Module {
+    /// `dist/keel_<root_id>.wasm`.
+    Own,
+    /// `dist/keel.wasm`, the filter chosen by its root_id.
+    Suite,
+}
+
+impl Module {
+    /// Both modules, own first.
+    pub const BOTH: [Module; 2] = [Module::Own, Module::Suite];
+
+    /// The module file that holds the filter of `root_id`.
+    pub fn path(self, root_id: &str) -> PathBuf {
+        match self {
+            Module::Own => module_path(root_id),
+            Module::Suite => suite_path(),
+        }
+    }
+}

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use keel_host_tests::harness::{request, response, Host, HttpStream, LogLevel, Vm};
+use keel_host_tests::Module;
 
 const MINIMAL: &str = r#"{"breakers": [{"name": "orders", "window": "10s", "failure_rate": 0.5, "min_calls": 20, "open_for": "5s", "half_open_probes": 3}]}"#;
 
@@ -15,9 +16,13 @@ const UT: i64 = 0x4;
 const DC: i64 = 0x4000;
 
 fn workers(host: &Host, config: &str, n: usize) -> Vec<Vm> {
+    workers_in(host, Module::Own, config, n)
+}
+
+/// `n` workers of the filter from `module` (its own or keel.wasm).
+fn workers_in(host: &Host, module: Module, config: &str, n: usize) -> Vec<Vm> {
     let vms = host
-        .vm("circuit_breaker")
-        .root_id("circuit_breaker")
+        .filter("circuit_breaker", module)
         .vm_id("keel")
         .config(config)
         .start_workers(n)
@@ -81,107 +86,115 @@ fn logged(vms: &[Vm], text: &str) -> usize {
 
 #[test]
 fn two_workers_share_one_breaker_that_opens_at_min_calls() {
-    let host = Host::new();
-    let vms = workers(&host, MINIMAL, 2);
-    assert!(vms[0].has_log("keel circuit-breaker: configured breakers: orders"));
-    // 10 failures and 9 successes: 53 % failed, but fewer than min_calls outcomes.
-    for i in 0..19 {
-        let status = if i % 2 == 0 { 500 } else { 200 };
-        assert!(call(&vms[i % 2], status), "call {i} admitted");
-    }
-    assert_eq!(host.gauge("keel.circuit_breaker.orders.state"), 0);
-    // The 20th outcome, on the other worker, reaches min_calls: 11 of 20 failed.
-    assert!(call(&vms[1], 503));
-    let line =
-        "keel circuit-breaker: breaker orders: closed -> open: 11 of 20 calls failed; open for 5s";
-    assert_eq!(logged(&vms, line), 1, "one log line per transition");
-    assert!(vms.iter().any(|vm| vm
-        .logs_at_least(LogLevel::Warn)
-        .iter()
-        .any(|l| l.message == line)));
+    // The filter's own module and keel.wasm (root_id) behave the same.
+    for module in Module::BOTH {
+        eprintln!("module: {module:?}");
+        let host = Host::new();
+        let vms = workers_in(&host, module, MINIMAL, 2);
+        assert!(vms[0].has_log("keel circuit-breaker: configured breakers: orders"));
+        // 10 failures and 9 successes: 53 % failed, but fewer than min_calls outcomes.
+        for i in 0..19 {
+            let status = if i % 2 == 0 { 500 } else { 200 };
+            assert!(call(&vms[i % 2], status), "call {i} admitted");
+        }
+        assert_eq!(host.gauge("keel.circuit_breaker.orders.state"), 0);
+        // The 20th outcome, on the other worker, reaches min_calls: 11 of 20 failed.
+        assert!(call(&vms[1], 503));
+        let line =
+            "keel circuit-breaker: breaker orders: closed -> open: 11 of 20 calls failed; open for 5s";
+        assert_eq!(logged(&vms, line), 1, "one log line per transition");
+        assert!(vms.iter().any(|vm| vm
+            .logs_at_least(LogLevel::Warn)
+            .iter()
+            .any(|l| l.message == line)));
 
-    // Open on both workers: the fast reply, exactly.
-    for vm in &vms {
-        let s = send(vm, "/orders");
-        let reply = s.local_reply().expect("refused while open");
-        assert_eq!(reply.status, 503);
-        assert_eq!(
-            reply.headers,
-            vec![
-                ("content-type".into(), "text/plain; charset=utf-8".into()),
-                ("retry-after".into(), "5".into())
-            ]
-        );
-        assert_eq!(reply.body_text(), "circuit breaker open\n");
-        s.finish();
-    }
-    // Retry-After counts down the time left open (rounded up).
-    host.advance(Duration::from_millis(2500));
-    let reply = send(&vms[0], "/orders").local_reply().unwrap();
-    assert_eq!(reply.header("retry-after"), Some("3"));
+        // Open on both workers: the fast reply, exactly.
+        for vm in &vms {
+            let s = send(vm, "/orders");
+            let reply = s.local_reply().expect("refused while open");
+            assert_eq!(reply.status, 503);
+            assert_eq!(
+                reply.headers,
+                vec![
+                    ("content-type".into(), "text/plain; charset=utf-8".into()),
+                    ("retry-after".into(), "5".into())
+                ]
+            );
+            assert_eq!(reply.body_text(), "circuit breaker open\n");
+            s.finish();
+        }
+        // Retry-After counts down the time left open (rounded up).
+        host.advance(Duration::from_millis(2500));
+        let reply = send(&vms[0], "/orders").local_reply().unwrap();
+        assert_eq!(reply.header("retry-after"), Some("3"));
 
-    assert_eq!(host.gauge("keel.circuit_breaker.orders.state"), 1);
-    assert_eq!(host.gauge("keel.circuit_breaker.orders.open"), 1);
-    assert_eq!(host.counter("keel.circuit_breaker.orders.calls"), 20);
-    assert_eq!(host.counter("keel.circuit_breaker.orders.failures"), 11);
-    assert_eq!(host.counter("keel.circuit_breaker.orders.opened"), 1);
-    assert_eq!(host.counter("keel.circuit_breaker.orders.rejected"), 3);
+        assert_eq!(host.gauge("keel.circuit_breaker.orders.state"), 1);
+        assert_eq!(host.gauge("keel.circuit_breaker.orders.open"), 1);
+        assert_eq!(host.counter("keel.circuit_breaker.orders.calls"), 20);
+        assert_eq!(host.counter("keel.circuit_breaker.orders.failures"), 11);
+        assert_eq!(host.counter("keel.circuit_breaker.orders.opened"), 1);
+        assert_eq!(host.counter("keel.circuit_breaker.orders.rejected"), 3);
+    }
 }
 
 #[test]
 fn half_open_admits_exactly_the_probes_across_both_workers_then_closes() {
-    let host = Host::new();
-    let vms = workers(&host, MINIMAL, 2);
-    trip(&vms);
-    host.advance(Duration::from_millis(4999));
-    assert!(!admitted(&send(&vms[0], "/orders")), "still open");
-    host.advance(Duration::from_millis(1));
+    // The filter's own module and keel.wasm (root_id) behave the same.
+    for module in Module::BOTH {
+        eprintln!("module: {module:?}");
+        let host = Host::new();
+        let vms = workers_in(&host, module, MINIMAL, 2);
+        trip(&vms);
+        host.advance(Duration::from_millis(4999));
+        assert!(!admitted(&send(&vms[0], "/orders")), "still open");
+        host.advance(Duration::from_millis(1));
 
-    // Eight requests over both workers while the probes are out: exactly three go through.
-    let streams: Vec<HttpStream> = (0..8).map(|i| send(&vms[i % 2], "/orders")).collect();
-    let probes: Vec<&HttpStream> = streams.iter().filter(|s| admitted(s)).collect();
-    assert_eq!(probes.len(), 3);
-    for s in streams.iter().filter(|s| !admitted(s)) {
-        let reply = s.local_reply().unwrap();
-        assert_eq!(reply.status, 503);
-        // The probes, not the clock, decide what comes next: no Retry-After.
-        assert_eq!(reply.header("retry-after"), None);
-    }
-    assert_eq!(
-        logged(
-            &vms,
-            "keel circuit-breaker: breaker orders: open -> half_open: open period ended"
-        ),
-        1
-    );
-    assert_eq!(host.gauge("keel.circuit_breaker.orders.state"), 2);
-    assert_eq!(host.counter("keel.circuit_breaker.orders.probes"), 3);
+        // Eight requests over both workers while the probes are out: exactly three go through.
+        let streams: Vec<HttpStream> = (0..8).map(|i| send(&vms[i % 2], "/orders")).collect();
+        let probes: Vec<&HttpStream> = streams.iter().filter(|s| admitted(s)).collect();
+        assert_eq!(probes.len(), 3);
+        for s in streams.iter().filter(|s| !admitted(s)) {
+            let reply = s.local_reply().unwrap();
+            assert_eq!(reply.status, 503);
+            // The probes, not the clock, decide what comes next: no Retry-After.
+            assert_eq!(reply.header("retry-after"), None);
+        }
+        assert_eq!(
+            logged(
+                &vms,
+                "keel circuit-breaker: breaker orders: open -> half_open: open period ended"
+            ),
+            1
+        );
+        assert_eq!(host.gauge("keel.circuit_breaker.orders.state"), 2);
+        assert_eq!(host.counter("keel.circuit_breaker.orders.probes"), 3);
 
-    // The probes succeed: closed, and traffic flows on both workers.
-    answer(probes[0], 200);
-    answer(probes[1], 204);
-    assert!(
-        !admitted(&send(&vms[0], "/orders")),
-        "two of three probes in"
-    );
-    answer(probes[2], 200);
-    assert_eq!(
-        logged(
-            &vms,
-            "keel circuit-breaker: breaker orders: half_open -> closed: 0 of 3 probes failed, 0 slow"
-        ),
-        1
-    );
-    for i in 0..10 {
-        assert!(call(&vms[i % 2], 200));
+        // The probes succeed: closed, and traffic flows on both workers.
+        answer(probes[0], 200);
+        answer(probes[1], 204);
+        assert!(
+            !admitted(&send(&vms[0], "/orders")),
+            "two of three probes in"
+        );
+        answer(probes[2], 200);
+        assert_eq!(
+            logged(
+                &vms,
+                "keel circuit-breaker: breaker orders: half_open -> closed: 0 of 3 probes failed, 0 slow"
+            ),
+            1
+        );
+        for i in 0..10 {
+            assert!(call(&vms[i % 2], 200));
+        }
+        assert_eq!(host.gauge("keel.circuit_breaker.orders.state"), 0);
+        assert_eq!(host.gauge("keel.circuit_breaker.orders.open"), 0);
+        assert_eq!(host.counter("keel.circuit_breaker.orders.closed"), 1);
+        assert_eq!(host.counter("keel.circuit_breaker.orders.half_opened"), 1);
+        // Refusals while half-open count as rejected too: 1 while open, 5 + 1 while half-open.
+        assert_eq!(host.counter("keel.circuit_breaker.orders.rejected"), 7);
+        assert_eq!(host.counter("keel.circuit_breaker.orders.calls"), 33);
     }
-    assert_eq!(host.gauge("keel.circuit_breaker.orders.state"), 0);
-    assert_eq!(host.gauge("keel.circuit_breaker.orders.open"), 0);
-    assert_eq!(host.counter("keel.circuit_breaker.orders.half_opened"), 1);
-    assert_eq!(host.counter("keel.circuit_breaker.orders.closed"), 1);
-    // Refusals while half-open count as rejected too: 1 while open, 5 + 1 while half-open.
-    assert_eq!(host.counter("keel.circuit_breaker.orders.rejected"), 7);
-    assert_eq!(host.counter("keel.circuit_breaker.orders.calls"), 33);
 }
 
 #[test]

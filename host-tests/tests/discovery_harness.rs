@@ -1,8 +1,8 @@
 //! The discovery filter in Keel's wasmtime host: several workers sharing data, a virtual clock,
 //! a registry and health checks played by a responder.
 //!
-//! Build the module first: `cargo build --release --target wasm32-wasip1 -p keel-discovery`
-//! and copy it to `dist/keel_discovery.wasm` (or `make build`).
+//! Build the modules first: `make build` (dist/keel_discovery.wasm and dist/keel.wasm; the
+//! keel-discovery crate is now a library, its module is keel-discovery-module)
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may unwrap
 
@@ -14,6 +14,7 @@ use keel_core::discovery::{EndpointSet, Freshness, PassiveCounter, POLLER_LEASE_
 use keel_core::rand::{Rng, SeededRng};
 use keel_host_tests::etcd::{base64_encode, range_response};
 use keel_host_tests::harness::{request, response, Action, CalloutRequest, Host, Response, Vm};
+use keel_host_tests::Module;
 use serde_json::Value;
 
 /// The minimal configuration, verbatim.
@@ -42,9 +43,13 @@ fn with_admin() -> String {
 }
 
 fn workers(host: &Host, config: &str, n: usize) -> Vec<Vm> {
+    workers_in(host, Module::Own, config, n)
+}
+
+/// `n` workers of the filter from `module` (its own or keel.wasm).
+fn workers_in(host: &Host, module: Module, config: &str, n: usize) -> Vec<Vm> {
     let vms = host
-        .vm("discovery")
-        .root_id("discovery")
+        .filter("discovery", module)
         .vm_id("keel")
         .config(config)
         .start_workers(n)
@@ -271,50 +276,54 @@ const H4: &str = "127.0.0.1:18094";
 
 #[test]
 fn only_one_of_several_workers_polls_and_all_see_the_set() {
-    let host = Host::new();
-    let world = World::install(&host, &[H1, H2, H3]);
-    let vms = workers(&host, &with_admin(), 4);
-    host.advance(Duration::from_secs(10));
-    no_crash(&vms);
+    // The filter's own module and keel.wasm (root_id) behave the same.
+    for module in Module::BOTH {
+        eprintln!("module: {module:?}");
+        let host = Host::new();
+        let world = World::install(&host, &[H1, H2, H3]);
+        let vms = workers_in(&host, module, &with_admin(), 4);
+        host.advance(Duration::from_secs(10));
+        no_crash(&vms);
 
-    // One registry read per refresh (1 s) for the whole process, not one per worker.
-    let calls = world.calls();
-    assert_eq!(calls.len(), 10, "{calls:?}");
-    assert!(calls.iter().all(|(vm, _)| *vm == calls[0].0), "{calls:?}");
-    assert_eq!(host.counter("keel.discovery.poller.acquired"), 1);
-    // Health checks too: one per host per interval.
-    let checks = world.checks().len();
-    assert!(
-        (27..=33).contains(&checks),
-        "{checks} checks for 3 hosts in 10 s"
-    );
+        // One registry read per refresh (1 s) for the whole process, not one per worker.
+        let calls = world.calls();
+        assert_eq!(calls.len(), 10, "{calls:?}");
+        assert!(calls.iter().all(|(vm, _)| *vm == calls[0].0), "{calls:?}");
+        assert_eq!(host.counter("keel.discovery.poller.acquired"), 1);
+        // Health checks too: one per host per interval.
+        let checks = world.checks().len();
+        assert!(
+            (27..=33).contains(&checks),
+            "{checks} checks for 3 hosts in 10 s"
+        );
 
-    // The registry request is etcd's range over the prefix.
-    let set = users(&host);
-    assert_eq!(addresses(&set), [H1, H2, H3]);
-    assert_eq!(routable(&set), [H1, H2, H3]);
-    assert_eq!(set.freshness, Freshness::Fresh);
+        // The registry request is etcd's range over the prefix.
+        let set = users(&host);
+        assert_eq!(addresses(&set), [H1, H2, H3]);
+        assert_eq!(routable(&set), [H1, H2, H3]);
+        assert_eq!(set.freshness, Freshness::Fresh);
 
-    // Every worker, poller or not, serves the same published set.
-    for vm in &vms {
-        let doc = admin(vm);
-        let users = &doc["services"][0];
-        assert_eq!(users["name"], "users");
-        assert_eq!(users["version"], set.version);
-        assert_eq!(users["endpoints_routable"], 3);
-        assert_eq!(users["freshness"], "fresh");
+        // Every worker, poller or not, serves the same published set.
+        for vm in &vms {
+            let doc = admin(vm);
+            let users = &doc["services"][0];
+            assert_eq!(users["name"], "users");
+            assert_eq!(users["version"], set.version);
+            assert_eq!(users["endpoints_routable"], 3);
+            assert_eq!(users["freshness"], "fresh");
+        }
+        assert_eq!(gauge(&host, "endpoints_known"), 3);
+        assert_eq!(gauge(&host, "endpoints_healthy"), 3);
+        assert_eq!(gauge(&host, "endpoints_ejected"), 0);
+        assert_eq!(gauge(&host, "freshness"), 0);
+        assert!(gauge(&host, "data_age_ms") < 1000);
+        assert_eq!(counter(&host, "refresh_ok"), 10);
+        assert_eq!(counter(&host, "refresh_failed"), 0);
+
+        // A request on another path goes on untouched.
+        let stream = vms[1].send_request(request("GET", "/keel/discoveryx"));
+        assert!(stream.local_reply().is_none());
     }
-    assert_eq!(gauge(&host, "endpoints_known"), 3);
-    assert_eq!(gauge(&host, "endpoints_healthy"), 3);
-    assert_eq!(gauge(&host, "endpoints_ejected"), 0);
-    assert_eq!(gauge(&host, "freshness"), 0);
-    assert!(gauge(&host, "data_age_ms") < 1000);
-    assert_eq!(counter(&host, "refresh_ok"), 10);
-    assert_eq!(counter(&host, "refresh_failed"), 0);
-
-    // A request on another path goes on untouched.
-    let stream = vms[1].send_request(request("GET", "/keel/discoveryx"));
-    assert!(stream.local_reply().is_none());
 }
 
 #[test]

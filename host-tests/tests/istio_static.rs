@@ -1,6 +1,6 @@
 //! `examples/istio/` checked statically (there is no Kubernetes here): every file parses; every
 //! `WasmPlugin` names a Keel filter, a valid phase and fail strategy, and its `pluginConfig` is
-//! accepted by that filter loaded in the wasmtime host; the clusters of the `EnvoyFilter` are
+//! accepted by that filter of `dist/keel.wasm` loaded in the wasmtime host; the clusters of the `EnvoyFilter` are
 //! valid Envoy clusters (`envoy --mode validate`) and cover every cluster the plugins call.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may unwrap
@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use keel_host_tests::envoy::EnvoyConfig;
 use keel_host_tests::harness::Host;
+use keel_host_tests::Module;
 use serde_json::{json, Value};
 
 const FILTERS: [&str; 5] = [
@@ -103,9 +104,9 @@ fn every_plugin_config_is_accepted_by_its_filter() {
         let spec = &plugin["spec"];
         let root_id = spec["pluginName"].as_str().unwrap();
         let config = spec["pluginConfig"].to_string();
+        // The plugins load the suite module: the filter is chosen by pluginName (root_id).
         let vm = host
-            .vm(root_id)
-            .root_id(root_id)
+            .filter(root_id, Module::Suite)
             .config(config.as_str())
             .start()
             .unwrap_or_else(|e| panic!("{file}: {e:#}"));

@@ -11,14 +11,19 @@ use keel_core::hash::config::from_json;
 use keel_core::hash::{hash_key, Pick};
 use keel_core::time::Instant;
 use keel_host_tests::harness::{request, response, Action, Host, HttpStream, Vm};
+use keel_host_tests::Module;
 
 const MINIMAL: &str = r#"{"pickers": [{"name": "users", "key": "header:x-user", "algorithm": "ring", "endpoints": [{"address": "127.0.0.1:18091"}, {"address": "127.0.0.1:18092"}, {"address": "127.0.0.1:18093"}]}]}"#;
 const DST: &str = "x-envoy-original-dst-host";
 
 fn workers(host: &Host, config: &str, n: usize) -> Vec<Vm> {
+    workers_in(host, Module::Own, config, n)
+}
+
+/// `n` workers of the filter from `module` (its own or keel.wasm).
+fn workers_in(host: &Host, module: Module, config: &str, n: usize) -> Vec<Vm> {
     let vms = host
-        .vm("picker")
-        .root_id("picker")
+        .filter("picker", module)
         .vm_id("keel")
         .config(config)
         .start_workers(n)
@@ -55,47 +60,51 @@ fn users(n: usize) -> Vec<String> {
 
 #[test]
 fn two_workers_pick_identically_and_as_the_native_core() {
-    let host = Host::new();
-    let vms = workers(&host, MINIMAL, 2);
-    assert!(vms[0].has_log("keel picker: configured pickers: users (ring, 3 static endpoints)"));
-    let config = from_json(MINIMAL).unwrap();
-    let native = config.pickers[0].static_picker().unwrap();
-    let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
-    for user in users(1000) {
-        let a = picked(&vms[0], &user);
-        let b = picked(&vms[1], &user);
-        assert_eq!(a, b, "workers disagree on {user}");
-        let Pick::Host(i) = native.pick_hash(hash_key(user.as_bytes()), &[]) else {
-            panic!("no host");
-        };
+    // The filter's own module and keel.wasm (root_id) behave the same.
+    for module in Module::BOTH {
+        eprintln!("module: {module:?}");
+        let host = Host::new();
+        let vms = workers_in(&host, module, MINIMAL, 2);
+        assert!(vms[0].has_log("keel picker: configured pickers: users (ring, 3 static endpoints)"));
+        let config = from_json(MINIMAL).unwrap();
+        let native = config.pickers[0].static_picker().unwrap();
+        let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
+        for user in users(1000) {
+            let a = picked(&vms[0], &user);
+            let b = picked(&vms[1], &user);
+            assert_eq!(a, b, "workers disagree on {user}");
+            let Pick::Host(i) = native.pick_hash(hash_key(user.as_bytes()), &[]) else {
+                panic!("no host");
+            };
+            assert_eq!(
+                a,
+                native.endpoints()[i].address,
+                "wasm and native disagree on {user}"
+            );
+            *per_host.entry(a).or_default() += 1;
+        }
+        assert_eq!(per_host.len(), 3, "{per_host:?}");
+        // Picks per endpoint, summed over both workers, published on the next tick.
         assert_eq!(
-            a,
-            native.endpoints()[i].address,
-            "wasm and native disagree on {user}"
+            host.counter(&format!(
+                "keel.picker.users.picks.{}",
+                native.endpoints()[0].address
+            )),
+            0
         );
-        *per_host.entry(a).or_default() += 1;
-    }
-    assert_eq!(per_host.len(), 3, "{per_host:?}");
-    // Picks per endpoint, summed over both workers, published on the next tick.
-    assert_eq!(
-        host.counter(&format!(
-            "keel.picker.users.picks.{}",
-            native.endpoints()[0].address
-        )),
-        0
-    );
-    host.advance(Duration::from_secs(1));
-    for (address, n) in &per_host {
+        host.advance(Duration::from_secs(1));
+        for (address, n) in &per_host {
+            assert_eq!(
+                host.counter(&format!("keel.picker.users.picks.{address}")),
+                2 * *n as u64
+            );
+        }
         assert_eq!(
-            host.counter(&format!("keel.picker.users.picks.{address}")),
-            2 * *n as u64
+            host.counter("keel.picker.users.rebuilds"),
+            2,
+            "one build per worker"
         );
     }
-    assert_eq!(
-        host.counter("keel.picker.users.rebuilds"),
-        2,
-        "one build per worker"
-    );
 }
 
 #[test]

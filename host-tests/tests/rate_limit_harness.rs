@@ -4,13 +4,18 @@
 use std::time::Duration;
 
 use keel_host_tests::harness::{request, response, Action, Host, HttpStream, Vm};
+use keel_host_tests::Module;
 
 const MINIMAL: &str = r#"{"policies": [{"name": "per-key", "key": "header:x-api-key", "limit": {"requests": 100, "per": "1s", "burst": 100}}]}"#;
 
 fn workers(host: &Host, config: &str, n: usize) -> Vec<Vm> {
+    workers_in(host, Module::Own, config, n)
+}
+
+/// `n` workers of the filter from `module` (its own or keel.wasm).
+fn workers_in(host: &Host, module: Module, config: &str, n: usize) -> Vec<Vm> {
     let vms = host
-        .vm("rate_limit")
-        .root_id("rate_limit")
+        .filter("rate_limit", module)
         .vm_id("keel")
         .config(config)
         .start_workers(n)
@@ -45,42 +50,50 @@ fn burst(vms: &[Vm], key: Option<&str>, n: usize) -> usize {
 
 #[test]
 fn two_workers_admit_exactly_the_burst_then_exactly_the_refill() {
-    let host = Host::new();
-    let vms = workers(&host, MINIMAL, 2);
-    assert!(vms
-        .iter()
-        .all(|vm| vm.has_log("keel rate-limit: configured policies: per-key")));
-    assert_eq!(burst(&vms, Some("alice"), 1000), 100);
-    host.advance(Duration::from_secs(1));
-    // Counts reach the host's counters on the workers' next tick (they are batched).
-    assert_eq!(host.counter("keel.rate_limit.per-key.allowed"), 100);
-    assert_eq!(host.counter("keel.rate_limit.per-key.limited"), 900);
-    assert_eq!(burst(&vms, Some("alice"), 1000), 100);
-    // Half a second refills half the bucket.
-    host.advance(Duration::from_millis(500));
-    assert_eq!(burst(&vms, Some("alice"), 1000), 50);
+    // The filter's own module and keel.wasm (root_id) behave the same.
+    for module in Module::BOTH {
+        eprintln!("module: {module:?}");
+        let host = Host::new();
+        let vms = workers_in(&host, module, MINIMAL, 2);
+        assert!(vms
+            .iter()
+            .all(|vm| vm.has_log("keel rate-limit: configured policies: per-key")));
+        assert_eq!(burst(&vms, Some("alice"), 1000), 100);
+        host.advance(Duration::from_secs(1));
+        // Counts reach the host's counters on the workers' next tick (they are batched).
+        assert_eq!(host.counter("keel.rate_limit.per-key.allowed"), 100);
+        assert_eq!(host.counter("keel.rate_limit.per-key.limited"), 900);
+        assert_eq!(burst(&vms, Some("alice"), 1000), 100);
+        // Half a second refills half the bucket.
+        host.advance(Duration::from_millis(500));
+        assert_eq!(burst(&vms, Some("alice"), 1000), 50);
+    }
 }
 
 #[test]
 fn a_refusal_says_when_to_come_back() {
-    let host = Host::new();
-    let vms = workers(&host, MINIMAL, 2);
-    burst(&vms, Some("alice"), 100);
-    let refused = send(&vms[1], Some("alice"));
-    let reply = refused.local_reply().expect("refused");
-    assert_eq!(reply.status, 429);
-    assert_eq!(reply.body_text(), "rate limited\n");
-    assert_eq!(reply.header("retry-after"), Some("1"));
-    assert_eq!(
-        reply.header("ratelimit-policy"),
-        Some("\"per-key\";q=100;w=1")
-    );
-    assert_eq!(reply.header("ratelimit"), Some("\"per-key\";r=0;t=1"));
-    // One token comes back after 10 ms: exactly then the next request is admitted.
-    host.advance(Duration::from_millis(9));
-    assert!(!admitted(&send(&vms[0], Some("alice"))));
-    host.advance(Duration::from_millis(1));
-    assert!(admitted(&send(&vms[0], Some("alice"))));
+    // The filter's own module and keel.wasm (root_id) behave the same.
+    for module in Module::BOTH {
+        eprintln!("module: {module:?}");
+        let host = Host::new();
+        let vms = workers_in(&host, module, MINIMAL, 2);
+        burst(&vms, Some("alice"), 100);
+        let refused = send(&vms[1], Some("alice"));
+        let reply = refused.local_reply().expect("refused");
+        assert_eq!(reply.status, 429);
+        assert_eq!(reply.body_text(), "rate limited\n");
+        assert_eq!(reply.header("retry-after"), Some("1"));
+        assert_eq!(
+            reply.header("ratelimit-policy"),
+            Some("\"per-key\";q=100;w=1")
+        );
+        assert_eq!(reply.header("ratelimit"), Some("\"per-key\";r=0;t=1"));
+        // One token comes back after 10 ms: exactly then the next request is admitted.
+        host.advance(Duration::from_millis(9));
+        assert!(!admitted(&send(&vms[0], Some("alice"))));
+        host.advance(Duration::from_millis(1));
+        assert!(admitted(&send(&vms[0], Some("alice"))));
+    }
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use keel_host_tests::harness::{
     request, response, Action, Callout, Flow, HeaderList, Host, HttpStream, Response, Vm,
 };
+use keel_host_tests::Module;
 
 /// The issue's minimal configuration, as written.
 const MINIMAL: &str = r#"{"policies": [{"name": "default", "cluster": "backend", "max_attempts": 3, "backoff": {"base": "25ms", "cap": "250ms", "jitter": "full"}, "budget": {"ratio": 0.2, "min_per_second": 10, "ttl": "10s"}}]}"#;
@@ -19,10 +20,10 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-fn workers(host: &Host, config: &str, n: usize) -> Vec<Vm> {
+/// `n` workers of the filter from `module` (its own or keel.wasm).
+fn workers_in(host: &Host, module: Module, config: &str, n: usize) -> Vec<Vm> {
     let vms = host
-        .vm("retry")
-        .root_id("retry")
+        .filter("retry", module)
         .vm_id("keel")
         .config(config)
         .start_workers(n)
@@ -34,7 +35,11 @@ fn workers(host: &Host, config: &str, n: usize) -> Vec<Vm> {
 }
 
 fn worker(host: &Host, config: &str) -> Vm {
-    workers(host, config, 1).remove(0)
+    worker_in(host, Module::Own, config)
+}
+
+fn worker_in(host: &Host, module: Module, config: &str) -> Vm {
+    workers_in(host, module, config, 1).remove(0)
 }
 
 fn get(id: &str) -> HeaderList {
@@ -161,70 +166,74 @@ fn the_attempt_header_can_be_switched_off() {
 
 #[test]
 fn attempts_happen_at_the_scheduled_times() {
-    let host = Host::new();
-    let vm = worker(&host, STEADY);
-    let body = b"{\"item\": 7}";
-    let stream = vm.http_stream();
-    stream.set_property("route_name", "orders");
-    let headers = request("PUT", "/orders/7")
-        .with("x-request-id", "put-7")
-        .with("content-type", "application/json")
-        .with("content-length", &body.len().to_string());
-    assert_eq!(stream.request_headers(headers, false), Action::Continue);
-    // Envoy hands the body over in chunks.
-    assert_eq!(stream.request_body(&body[..4], false), Action::Continue);
-    assert_eq!(stream.request_body(&body[4..], true), Action::Continue);
-    let sent_at = host.elapsed();
+    // The filter's own module and keel.wasm (root_id) behave the same.
+    for module in Module::BOTH {
+        eprintln!("module: {module:?}");
+        let host = Host::new();
+        let vm = worker_in(&host, module, STEADY);
+        let body = b"{\"item\": 7}";
+        let stream = vm.http_stream();
+        stream.set_property("route_name", "orders");
+        let headers = request("PUT", "/orders/7")
+            .with("x-request-id", "put-7")
+            .with("content-type", "application/json")
+            .with("content-length", &body.len().to_string());
+        assert_eq!(stream.request_headers(headers, false), Action::Continue);
+        // Envoy hands the body over in chunks.
+        assert_eq!(stream.request_body(&body[..4], false), Action::Continue);
+        assert_eq!(stream.request_body(&body[4..], true), Action::Continue);
+        let sent_at = host.elapsed();
 
-    // The upstream fails: the response and its body are held, nothing reaches the client.
-    assert_eq!(
-        stream.response_headers(response(503).with("x-from", "router"), false),
-        Action::Pause
-    );
-    assert_eq!(stream.response_body(b"busy", true), Action::Pause);
-    assert_eq!(stream.response_flow(), Flow::Paused);
+        // The upstream fails: the response and its body are held, nothing reaches the client.
+        assert_eq!(
+            stream.response_headers(response(503).with("x-from", "router"), false),
+            Action::Pause
+        );
+        assert_eq!(stream.response_body(b"busy", true), Action::Pause);
+        assert_eq!(stream.response_flow(), Flow::Paused);
 
-    // Second attempt exactly 25 ms later (jitter none), as a callout with the same request.
-    let (at, second) = next_callout_within(&host, &vm, ms(100)).expect("a second attempt");
-    assert_eq!(at - sent_at, ms(25));
-    assert_eq!(second.upstream, "backend");
-    assert_eq!(second.header(":method"), Some("PUT"));
-    assert_eq!(second.header(":path"), Some("/orders/7"));
-    assert_eq!(second.header(":authority"), Some("example.com"));
-    assert_eq!(second.header("x-request-id"), Some("put-7"));
-    assert_eq!(second.header("content-type"), Some("application/json"));
-    assert_eq!(second.body, body);
-    assert_eq!(second.timeout, Some(Duration::from_secs(2)));
-    second.respond(Response::new(502).body("bad gateway"));
+        // Second attempt exactly 25 ms later (jitter none), as a callout with the same request.
+        let (at, second) = next_callout_within(&host, &vm, ms(100)).expect("a second attempt");
+        assert_eq!(at - sent_at, ms(25));
+        assert_eq!(second.upstream, "backend");
+        assert_eq!(second.header(":method"), Some("PUT"));
+        assert_eq!(second.header(":path"), Some("/orders/7"));
+        assert_eq!(second.header(":authority"), Some("example.com"));
+        assert_eq!(second.header("x-request-id"), Some("put-7"));
+        assert_eq!(second.header("content-type"), Some("application/json"));
+        assert_eq!(second.body, body);
+        assert_eq!(second.timeout, Some(Duration::from_secs(2)));
+        second.respond(Response::new(502).body("bad gateway"));
 
-    // Third attempt 50 ms after the second's answer.
-    let answered_at = host.elapsed();
-    let (at, third) = next_callout_within(&host, &vm, ms(200)).expect("a third attempt");
-    assert_eq!(at - answered_at, ms(50));
-    assert_eq!(third.body, body);
-    third.respond(
-        Response::new(200)
-            .header("content-type", "application/json")
-            .header("x-upstream", "b")
-            .body("{\"saved\": true}"),
-    );
+        // Third attempt 50 ms after the second's answer.
+        let answered_at = host.elapsed();
+        let (at, third) = next_callout_within(&host, &vm, ms(200)).expect("a third attempt");
+        assert_eq!(at - answered_at, ms(50));
+        assert_eq!(third.body, body);
+        third.respond(
+            Response::new(200)
+                .header("content-type", "application/json")
+                .header("x-upstream", "b")
+                .body("{\"saved\": true}"),
+        );
 
-    // The held response is replaced by the last attempt's.
-    let reply = stream.local_reply().expect("the filter answered");
-    assert_eq!(reply.status, 200);
-    assert_eq!(reply.body_text(), "{\"saved\": true}");
-    assert_eq!(reply.header("content-type"), Some("application/json"));
-    assert_eq!(reply.header("x-upstream"), Some("b"));
-    assert_eq!(reply.header("x-keel-attempts"), Some("3"));
-    assert_eq!(reply.header("content-length"), None);
-    assert_eq!(reply.header("x-from"), None);
-    assert_eq!(host.counter("keel.retry.default.retries"), 2);
-    assert_eq!(host.counter("keel.retry.default.attempts_3"), 1);
-    assert_eq!(host.counter("keel.retry.default.recovered"), 1);
-    // Nothing else is scheduled: the tick is off.
-    assert_eq!(vm.tick_period(), None);
-    stream.finish();
-    assert!(!crashed(&vm));
+        // The held response is replaced by the last attempt's.
+        let reply = stream.local_reply().expect("the filter answered");
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.body_text(), "{\"saved\": true}");
+        assert_eq!(reply.header("content-type"), Some("application/json"));
+        assert_eq!(reply.header("x-upstream"), Some("b"));
+        assert_eq!(reply.header("x-keel-attempts"), Some("3"));
+        assert_eq!(reply.header("content-length"), None);
+        assert_eq!(reply.header("x-from"), None);
+        assert_eq!(host.counter("keel.retry.default.retries"), 2);
+        assert_eq!(host.counter("keel.retry.default.attempts_3"), 1);
+        assert_eq!(host.counter("keel.retry.default.recovered"), 1);
+        // Nothing else is scheduled: the tick is off.
+        assert_eq!(vm.tick_period(), None);
+        stream.finish();
+        assert!(!crashed(&vm));
+    }
 }
 
 #[test]
@@ -468,37 +477,42 @@ fn a_retry_after_beyond_the_deadline_hands_the_answer_on() {
 
 #[test]
 fn a_spent_budget_stops_retries_on_every_worker() {
-    let host = Host::new();
-    // No share of the requests, one retry per second over one second: exactly one retry.
-    let vms = workers(
-        &host,
-        r#"{"policies": [{"name": "tight", "cluster": "backend", "budget": {"ratio": 0, "min_per_second": 1, "ttl": "1s"}}]}"#,
-        2,
-    );
-    let (first, action) = first_attempt(&vms[0], get("a"), 503);
-    assert_eq!(action, Action::Pause, "the reserve pays for one retry");
-    let (second, action) = first_attempt(&vms[1], get("b"), 503);
-    assert_eq!(
-        action,
-        Action::Continue,
-        "the other worker sees the spent budget"
-    );
-    assert_eq!(
-        second.response_header("x-keel-attempts").as_deref(),
-        Some("1")
-    );
-    assert_eq!(host.counter("keel.retry.tight.budget_exhausted"), 1);
-    // The first request's retry fails too: no budget for its third attempt.
-    let (_, callout) = next_callout_within(&host, &vms[0], ms(100)).unwrap();
-    callout.respond(Response::new(503).body("still down"));
-    let reply = first.local_reply().unwrap();
-    assert_eq!(reply.status, 503);
-    assert_eq!(reply.header("x-keel-attempts"), Some("2"));
-    assert_eq!(host.counter("keel.retry.tight.budget_exhausted"), 2);
-    // A second later the retry has left the window: retries are possible again.
-    host.advance(Duration::from_secs(1));
-    let (_, action) = first_attempt(&vms[1], get("c"), 503);
-    assert_eq!(action, Action::Pause);
+    // The filter's own module and keel.wasm (root_id) behave the same.
+    for module in Module::BOTH {
+        eprintln!("module: {module:?}");
+        let host = Host::new();
+        // No share of the requests, one retry per second over one second: exactly one retry.
+        let vms = workers_in(
+            &host,
+            module,
+            r#"{"policies": [{"name": "tight", "cluster": "backend", "budget": {"ratio": 0, "min_per_second": 1, "ttl": "1s"}}]}"#,
+            2,
+        );
+        let (first, action) = first_attempt(&vms[0], get("a"), 503);
+        assert_eq!(action, Action::Pause, "the reserve pays for one retry");
+        let (second, action) = first_attempt(&vms[1], get("b"), 503);
+        assert_eq!(
+            action,
+            Action::Continue,
+            "the other worker sees the spent budget"
+        );
+        assert_eq!(
+            second.response_header("x-keel-attempts").as_deref(),
+            Some("1")
+        );
+        assert_eq!(host.counter("keel.retry.tight.budget_exhausted"), 1);
+        // The first request's retry fails too: no budget for its third attempt.
+        let (_, callout) = next_callout_within(&host, &vms[0], ms(100)).unwrap();
+        callout.respond(Response::new(503).body("still down"));
+        let reply = first.local_reply().unwrap();
+        assert_eq!(reply.status, 503);
+        assert_eq!(reply.header("x-keel-attempts"), Some("2"));
+        assert_eq!(host.counter("keel.retry.tight.budget_exhausted"), 2);
+        // A second later the retry has left the window: retries are possible again.
+        host.advance(Duration::from_secs(1));
+        let (_, action) = first_attempt(&vms[1], get("c"), 503);
+        assert_eq!(action, Action::Pause);
+    }
 }
 
 #[test]

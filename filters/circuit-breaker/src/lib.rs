@@ -33,10 +33,11 @@ use keel_core::store::SharedStore;
 use keel_core::time::{Duration, Instant};
 use keel_proxy::metrics::{Counter, Gauge};
 use keel_proxy::reply::LocalReply;
+use keel_proxy::stage::Stage;
 use keel_proxy::store::HostStore;
 use keel_proxy::{clock, config, log, request, response, routing, store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType};
 
 const FILTER: &str = "circuit-breaker";
 
@@ -44,10 +45,21 @@ const FILTER: &str = "circuit-breaker";
 const STATE_FORCED_OPEN: u64 = 3;
 const STATE_DISABLED: u64 = 4;
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(BreakerRoot::default()) });
-}}
+/// The filter's root context for the root context `context_id`, run by `stage`: an Envoy
+/// filter of its own (see [`root`]) or a stage of Keel's pipeline (root_id `pipeline` in
+/// `keel.wasm`).
+pub fn stage(_context_id: u32, stage: Stage) -> Box<dyn RootContext> {
+    Box::new(BreakerRoot {
+        stage,
+        ..BreakerRoot::default()
+    })
+}
+
+/// The filter as an Envoy filter of its own: what its module `keel_circuit_breaker.wasm`, and `keel.wasm`
+/// for root_id `circuit_breaker`, install with `set_root_context`.
+pub fn root(context_id: u32) -> Box<dyn RootContext> {
+    stage(context_id, Stage::alone())
+}
 
 /// The metrics of one breaker policy: `keel.circuit_breaker.<name>.<what>`.
 struct Metrics {
@@ -252,6 +264,7 @@ fn phase_code(phase: Phase) -> u64 {
 
 #[derive(Default)]
 struct BreakerRoot {
+    stage: Stage,
     breakers: Rc<Vec<Breaker>>,
     /// Whether a request's route name must be read: some breaker lists routes or keeps
     /// fallbacks (keyed by route).
@@ -262,7 +275,7 @@ impl Context for BreakerRoot {}
 
 impl RootContext for BreakerRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(breakers) = config::load(FILTER, |bytes| {
+        let Some(breakers) = self.stage.load(FILTER, |bytes| {
             Breakers::try_from(&config::parse::<BreakersConfig>(bytes)?)
         }) else {
             return false;

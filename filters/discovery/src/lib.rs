@@ -41,10 +41,11 @@ use keel_core::store::SharedStore;
 use keel_core::time::{Duration, Instant};
 use keel_proxy::metrics::{Counter, Gauge};
 use keel_proxy::reply::LocalReply;
+use keel_proxy::stage::Stage;
 use keel_proxy::store::HostStore;
 use keel_proxy::{clock, config, http_call, log, request, store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType};
 
 const FILTER: &str = "discovery";
 /// At most this many skipped registry entries are logged per answer (the core keeps 32).
@@ -52,10 +53,18 @@ const SKIPPED_LOGGED: usize = 8;
 /// The `freshness` gauge before the first good answer.
 const FRESHNESS_NO_DATA: u64 = 3;
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(DiscoveryRoot::new()) });
-}}
+/// The filter's root context for the root context `context_id`, run by `stage`: an Envoy
+/// filter of its own (see [`root`]) or a stage of Keel's pipeline (root_id `pipeline` in
+/// `keel.wasm`).
+pub fn stage(_context_id: u32, stage: Stage) -> Box<dyn RootContext> {
+    Box::new(DiscoveryRoot::new(stage))
+}
+
+/// The filter as an Envoy filter of its own: what its module `keel_discovery.wasm`, and `keel.wasm`
+/// for root_id `discovery`, install with `set_root_context`.
+pub fn root(context_id: u32) -> Box<dyn RootContext> {
+    stage(context_id, Stage::alone())
+}
 
 /// A service's metrics, `keel.discovery.<service>.<what>`.
 struct ServiceMetrics {
@@ -550,6 +559,7 @@ fn check_result(
 }
 
 struct DiscoveryRoot {
+    stage: Stage,
     me: u64,
     rng: SeededRng,
     filter: Option<Rc<Filter>>,
@@ -557,13 +567,14 @@ struct DiscoveryRoot {
 }
 
 impl DiscoveryRoot {
-    fn new() -> DiscoveryRoot {
+    fn new(stage: Stage) -> DiscoveryRoot {
         // 64 random bits per VM (WASI random through std's hasher keys), so that workers started
         // at the same instant still get distinct lease holder ids.
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
         hasher.write_u64(clock::now().as_nanos());
         let me = hasher.finish();
         DiscoveryRoot {
+            stage,
             me,
             rng: SeededRng::new(me),
             filter: None,
@@ -611,7 +622,7 @@ impl Context for DiscoveryRoot {
 
 impl RootContext for DiscoveryRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(config) = config::load(FILTER, |bytes| {
+        let Some(config) = self.stage.load(FILTER, |bytes| {
             DiscoveryConfig::from_spec(&config::parse::<DiscoverySpec>(bytes)?)
         }) else {
             return false;
@@ -642,8 +653,9 @@ impl RootContext for DiscoveryRoot {
             acquired: Counter::define("keel.discovery.poller.acquired"),
         }));
         self.poller = None;
-        if proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_nanos(tick.as_nanos()))
-            .is_err()
+        if !self
+            .stage
+            .set_tick_period(std::time::Duration::from_nanos(tick.as_nanos()))
         {
             log::error(
                 FILTER,

@@ -35,11 +35,12 @@ use keel_core::store::SharedStore;
 use keel_proxy::metrics::{Counter, Gauge};
 use keel_proxy::reply::LocalReply;
 use keel_proxy::routes::RouteMatch;
+use keel_proxy::stage::Stage;
 use keel_proxy::store::{HostStore, CAS_ATTEMPTS};
 use keel_proxy::{clock, config, log, request, routing};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, ContextType, MapType};
 
 const FILTER: &str = "picker";
 /// Per-endpoint pick counters a VM defines at most: each definition is kept by the host for
@@ -48,10 +49,18 @@ const MAX_ENDPOINT_COUNTERS: usize = 4096;
 /// How often the picks counted in the VM are added to the host's counters.
 const FLUSH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(PickerRoot::new()) });
-}}
+/// The filter's root context for the root context `context_id`, run by `stage`: an Envoy
+/// filter of its own (see [`root`]) or a stage of Keel's pipeline (root_id `pipeline` in
+/// `keel.wasm`).
+pub fn stage(_context_id: u32, stage: Stage) -> Box<dyn RootContext> {
+    Box::new(PickerRoot::new(stage))
+}
+
+/// The filter as an Envoy filter of its own: what its module `keel_picker.wasm`, and `keel.wasm`
+/// for root_id `picker`, install with `set_root_context`.
+pub fn root(context_id: u32) -> Box<dyn RootContext> {
+    stage(context_id, Stage::alone())
+}
 
 /// A picker's metrics, `keel.picker.<picker>.<what>`.
 struct Metrics {
@@ -270,17 +279,19 @@ struct Filter {
 }
 
 struct PickerRoot {
+    stage: Stage,
     rng: Rc<RefCell<SeededRng>>,
     filter: Option<Rc<Filter>>,
 }
 
 impl PickerRoot {
-    fn new() -> PickerRoot {
+    fn new(stage: Stage) -> PickerRoot {
         // WASI randomness through std's hasher keys, mixed with the clock: sticky cookie values
         // and keyless picks differ between workers and restarts.
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
         hasher.write_u64(clock::now().as_nanos());
         PickerRoot {
+            stage,
             rng: Rc::new(RefCell::new(SeededRng::new(hasher.finish()))),
             filter: None,
         }
@@ -299,7 +310,7 @@ impl RootContext for PickerRoot {
     }
 
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(config) = config::load(FILTER, |bytes| {
+        let Some(config) = self.stage.load(FILTER, |bytes| {
             validate(&config::parse::<FilterSpec>(bytes)?)
         }) else {
             return false;
@@ -333,7 +344,7 @@ impl RootContext for PickerRoot {
             FILTER,
             &format!("configured pickers: {}", described.join(", ")),
         );
-        let batch_picks = hostcalls::set_tick_period(FLUSH_PERIOD).is_ok();
+        let batch_picks = self.stage.set_tick_period(FLUSH_PERIOD);
         self.filter = Some(Rc::new(Filter {
             reads_routes: slots.iter().any(|s| s.config.routes.is_some()),
             slots,

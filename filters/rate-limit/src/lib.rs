@@ -30,10 +30,11 @@ use keel_core::time::{Duration, Instant};
 use keel_proxy::metrics::Counter;
 use keel_proxy::reply::LocalReply;
 use keel_proxy::routes::RouteMatch;
+use keel_proxy::stage::Stage;
 use keel_proxy::store::HostStore;
-use keel_proxy::{clock, config, log, request, store};
+use keel_proxy::{clock, config, log, request, store, stream};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType};
 
 const FILTER: &str = "rate-limit";
 /// How often a root context with parked requests wakes up to resume them.
@@ -41,10 +42,25 @@ const TICK: std::time::Duration = std::time::Duration::from_millis(5);
 /// How long a counted request may wait before its count reaches the host's counters.
 const FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(RateLimitRoot::default()) });
-}}
+/// The filter's root context for the root context `context_id`, run by `stage`: an Envoy
+/// filter of its own (see [`root`]) or a stage of Keel's pipeline (root_id `pipeline` in
+/// `keel.wasm`).
+pub fn stage(_context_id: u32, stage: Stage) -> Box<dyn RootContext> {
+    Box::new(RateLimitRoot {
+        ticker: Rc::new(Ticker {
+            stage: stage.clone(),
+            ..Ticker::default()
+        }),
+        stage,
+        ..RateLimitRoot::default()
+    })
+}
+
+/// The filter as an Envoy filter of its own: what its module `keel_rate_limit.wasm`, and `keel.wasm`
+/// for root_id `rate_limit`, install with `set_root_context`.
+pub fn root(context_id: u32) -> Box<dyn RootContext> {
+    stage(context_id, Stage::alone())
+}
 
 /// What a policy counts: `keel.rate_limit.<policy>.<what>`.
 #[derive(Clone, Copy)]
@@ -195,6 +211,8 @@ enum Period {
 /// outlives a reconfiguration: requests parked under the old policies are still resumed.
 #[derive(Default)]
 struct Ticker {
+    /// What runs the filter: it sets the tick and resumes parked requests.
+    stage: Stage,
     period: Cell<Period>,
     parked: RefCell<Vec<(u32, Instant)>>,
 }
@@ -216,7 +234,7 @@ impl Ticker {
             Period::Park => TICK,
             Period::Off | Period::Unavailable => std::time::Duration::ZERO,
         };
-        let set = proxy_wasm::hostcalls::set_tick_period(every).is_ok();
+        let set = self.stage.set_tick_period(every);
         self.period
             .set(if set { period } else { Period::Unavailable });
         set
@@ -253,6 +271,7 @@ impl Policies {
 
 #[derive(Default)]
 struct RateLimitRoot {
+    stage: Stage,
     policies: Rc<Policies>,
     /// Configurations replaced while streams still hold them: their late counts are flushed
     /// too, until the last of those streams is gone.
@@ -269,7 +288,7 @@ impl Context for RateLimitRoot {
 
 impl RootContext for RateLimitRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(rules) = config::load(FILTER, |bytes| {
+        let Some(rules) = self.stage.load(FILTER, |bytes| {
             policy::validate(&config::parse::<RateLimitSpec>(bytes)?)
         }) else {
             return false;
@@ -310,29 +329,35 @@ impl RootContext for RateLimitRoot {
         let Ok(mut parked) = ticker.parked.try_borrow_mut() else {
             return;
         };
+        let mut due = Vec::new();
         if !parked.is_empty() {
             let now = clock::now();
             parked.retain(|(context, resume_at)| {
                 if *resume_at > now {
                     return true;
                 }
-                // A stream that ended while parked is gone: the host refuses to switch to it.
-                if proxy_wasm::hostcalls::set_effective_context(*context).is_ok() {
-                    let _ = proxy_wasm::hostcalls::resume_http_request();
-                }
+                due.push(*context);
                 false
             });
         }
+        let waiting = !parked.is_empty();
+        drop(parked);
+        // Resumed once the list is let go: in a pipeline, resuming runs the later stages.
+        for context in due {
+            // A stream that ended while parked is gone: the host refuses to switch to it.
+            if stream::switch_to(context) {
+                ticker.stage.resume_request(context);
+            }
+        }
         // Tick while there is something to do: parked requests, or counts coming in (a tick
         // that found none stops the ticks until the next count).
-        let next = if !parked.is_empty() {
+        let next = if waiting {
             Period::Park
         } else if flushed {
             Period::Flush
         } else {
             Period::Off
         };
-        drop(parked);
         if next != ticker.period.get() {
             ticker.set(next);
         }

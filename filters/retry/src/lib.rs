@@ -51,23 +51,30 @@ use keel_core::retry::{
 use keel_core::time::{Duration, Instant};
 use keel_proxy::metrics::Counter;
 use keel_proxy::reply::LocalReply;
+use keel_proxy::stage::Stage;
 use keel_proxy::store::HostStore;
-use keel_proxy::{clock, config, http_call, log, request, response, routing, stream};
+use keel_proxy::{clock, http_call, log, request, response, routing, stream};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType};
 
 const FILTER: &str = "retry";
 /// The largest answer body the filter holds to hand on to a client.
 const MAX_ANSWER_BODY: usize = 16 * 1024 * 1024;
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(RetryRoot {
-            retrier: Rc::new(RefCell::new(Retrier::new(context_id))),
-        })
-    });
-}}
+/// The filter's root context for the root context `context_id`, run by `stage`: an Envoy
+/// filter of its own (see [`root`]) or a stage of Keel's pipeline (root_id `pipeline` in
+/// `keel.wasm`).
+pub fn stage(context_id: u32, stage: Stage) -> Box<dyn RootContext> {
+    Box::new(RetryRoot {
+        retrier: Rc::new(RefCell::new(Retrier::new(context_id, stage))),
+    })
+}
+
+/// The filter as an Envoy filter of its own: what its module `keel_retry.wasm`, and `keel.wasm`
+/// for root_id `retry`, install with `set_root_context`.
+pub fn root(context_id: u32) -> Box<dyn RootContext> {
+    stage(context_id, Stage::alone())
+}
 
 /// A policy's counters, `keel.retry.<policy>.<what>`.
 struct Metrics {
@@ -187,6 +194,8 @@ struct Tracked {
 /// The retry state of one worker: the policies, and every eligible stream still under way.
 struct Retrier {
     root_id: u32,
+    /// What runs the filter: the tick, resuming a held response.
+    stage: Stage,
     policies: Vec<Policy>,
     rng: SeededRng,
     streams: BTreeMap<u32, Tracked>,
@@ -198,9 +207,10 @@ struct Retrier {
 }
 
 impl Retrier {
-    fn new(root_id: u32) -> Retrier {
+    fn new(root_id: u32, stage: Stage) -> Retrier {
         Retrier {
             root_id,
+            stage,
             policies: Vec::new(),
             rng: SeededRng::new(u64::from(root_id)),
             streams: BTreeMap::new(),
@@ -211,7 +221,7 @@ impl Retrier {
     }
 
     fn configure(&mut self) -> bool {
-        let Some(retry) = config::load(FILTER, |bytes| {
+        let Some(retry) = self.stage.load(FILTER, |bytes| {
             let text = std::str::from_utf8(bytes)
                 .map_err(|_| ConfigError::new("", "the plugin configuration is not UTF-8"))?;
             RetryConfig::from_json(text)
@@ -695,8 +705,9 @@ impl Retrier {
                 if let Some((name, value)) = &header {
                     stream::set_response_header(name, value);
                 }
-                stream::resume_response();
                 self.streams.remove(&context_id);
+                // In a pipeline the stages before this one see the response first.
+                self.stage.resume_response(context_id);
             }
             Last::Answer(answer) => {
                 let mut headers: Vec<(String, String)> = answer
@@ -751,7 +762,7 @@ impl Retrier {
         });
         if want != self.tick_ms {
             let period = std::time::Duration::from_millis(want.unwrap_or(0));
-            if stream::set_tick_period(period) {
+            if self.stage.set_tick_period(period) {
                 self.tick_ms = want;
             }
         }

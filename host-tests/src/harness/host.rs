@@ -241,6 +241,12 @@ impl Host {
         VmBuilder::new(self.clone(), crate::module_path(name))
     }
 
+    /// Starts building a VM of Keel's filter `root_id` (`rate_limit`, `picker`, ...) from its own
+    /// module or from `keel.wasm`, with that root_id.
+    pub fn filter(&self, root_id: &str, module: crate::Module) -> VmBuilder {
+        VmBuilder::new(self.clone(), module.path(root_id)).root_id(root_id)
+    }
+
     /// Starts building a VM of the module at this path.
     pub fn vm_from_path(&self, path: impl Into<PathBuf>) -> VmBuilder {
         VmBuilder::new(self.clone(), path.into())

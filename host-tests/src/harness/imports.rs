@@ -79,6 +79,7 @@ fn give(c: &mut C<'_>, data: &[u8], ptr_ptr: i32, size_ptr: i32) -> wasmtime::Re
             wasmtime::bail!("the module exports no proxy_on_memory_allocate");
         };
         let alloc = alloc.typed::<i32, i32>(&*c)?;
+        c.data_mut().allocations += 1;
         address = alloc.call(&mut *c, data.len() as i32)?;
         if address == 0 {
             wasmtime::bail!("proxy_on_memory_allocate returned null");
@@ -594,6 +595,7 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "proxy_get_property",
         |mut c: C<'_>, path_ptr: i32, path_size: i32, ptr_ptr: i32, size_ptr: i32| -> R {
             let path = split_path(&read(&mut c, path_ptr, path_size)?);
+            *c.data_mut().property_reads.entry(path.clone()).or_default() += 1;
             let Some(value) = property(c.data_mut(), &path) else {
                 return Ok(Status::NotFound.code());
             };

@@ -76,6 +76,12 @@ pub(crate) struct VmState {
     pub(crate) last_metric: u32,
     pub(crate) logs: Vec<LogEntry>,
     pub(crate) properties: BTreeMap<Vec<String>, Vec<u8>>,
+    /// Calls into the module: callbacks (exports the host called), and allocations the host
+    /// asked of the module to hand it data (a host call that returns data enters the VM again).
+    pub(crate) callbacks: u64,
+    pub(crate) allocations: u64,
+    /// How many times the module asked for each property path (found or not).
+    pub(crate) property_reads: BTreeMap<Vec<String>, u64>,
     pub(crate) crashed: Option<String>,
     /// `proxy_get_status`: set to BrokenConnection/"reset" while a failed callout is delivered.
     pub(crate) status: (u32, String),
@@ -176,6 +182,7 @@ impl VmInner {
         };
         {
             let st = self.store.data_mut();
+            st.callbacks += 1;
             st.effective = context;
             st.stop_iteration = false;
         }
@@ -651,6 +658,21 @@ impl Vm {
         self.read(|st| String::from_utf8_lossy(&st.stderr.contents()).into_owned())
     }
 
+    /// How many times the host has entered the module so far: (callbacks, allocations). Each
+    /// callback of each filter instance, and each host call that hands the module data (the
+    /// host asks the module to allocate it), is a crossing into the VM, which is most of what a
+    /// wasm filter instance costs before its logic.
+    pub fn entries(&self) -> (u64, u64) {
+        self.read(|st| (st.callbacks, st.allocations))
+    }
+
+    /// How many times the module asked for the property at `path` (found or not), e.g.
+    /// `["xds", "route_name"]`: property reads are among a filter's dearer host calls.
+    pub fn property_reads(&self, path: &[&str]) -> u64 {
+        let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        self.read(|st| st.property_reads.get(&path).copied().unwrap_or(0))
+    }
+
     /// Sets a property this VM's contexts see (over the host's, under a stream's).
     pub fn set_property(&self, path: impl PropertyPath, value: impl PropertyValue) {
         lock(&self.cell.inner)
@@ -800,6 +822,9 @@ impl VmBuilder {
             last_metric: 0,
             logs: Vec::new(),
             properties: BTreeMap::new(),
+            property_reads: BTreeMap::new(),
+            callbacks: 0,
+            allocations: 0,
             crashed: None,
             status: (0, String::new()),
             stop_iteration: false,

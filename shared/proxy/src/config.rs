@@ -5,8 +5,6 @@
 //! `keel <filter>: <path>: <what was expected>`, and the configuration is refused.
 
 use keel_core::config::ConfigError;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::BufferType;
 use serde::de::DeserializeOwned;
 
 /// Parses `bytes` as the JSON of `T`; the error carries the field path
@@ -17,18 +15,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
 
 /// Reads the plugin configuration of the current root context and parses it with `validate`.
 /// On error logs the one line and returns `None`: the caller's `on_configure` returns `false`.
+/// A filter that can also run as a pipeline stage loads through its [`Stage`] instead.
+///
+/// [`Stage`]: crate::stage::Stage
 pub fn load<T>(filter: &str, validate: impl FnOnce(&[u8]) -> Result<T, ConfigError>) -> Option<T> {
-    let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    match validate(&bytes) {
-        Ok(config) => Some(config),
-        Err(e) => {
-            crate::log::error(filter, &format!("{e}; configuration refused"));
-            None
-        }
-    }
+    crate::stage::Stage::alone().load(filter, validate)
 }
 
 #[cfg(test)]

@@ -19,6 +19,12 @@
 //!   `xds.*` properties).
 //! - [`stream`]: copies of a request for replay, and acting on a held stream from the root
 //!   context (switch to it, resume it, answer in its place).
+//! - [`stage`]: what a filter asks of whatever runs it (configuration, tick, resuming a stream
+//!   it paused): the host itself, or Keel's pipeline.
+//! - [`memo`]: one stream's host reads (route, cluster, status, time), shared by the stages of
+//!   a pipeline.
+//! - [`pipeline`]: one Envoy filter that runs several Keel filters per request as stages, in
+//!   order, with one root context, one stream context and shared host reads.
 //!
 //! Every function here returns a value or an `Option`: host errors are logged or ignored, never
 //! unwrapped, because a panic in a VM takes down every request of its worker.
@@ -27,15 +33,36 @@ pub mod clock;
 pub mod config;
 pub mod http_call;
 pub mod log;
+pub mod memo;
 pub mod metrics;
+pub mod pipeline;
 pub mod reply;
 pub mod request;
 pub mod response;
 pub mod routes;
 pub mod routing;
+pub mod stage;
 pub mod store;
 pub mod stream;
 
 /// The `vm_id` every Keel filter is configured with, so that filters of the suite share one
 /// shared-data namespace (discovery publishes endpoint sets that the picker reads).
 pub const VM_ID: &str = "keel";
+
+#[doc(hidden)]
+pub use proxy_wasm as __proxy_wasm;
+
+/// The entry point of a module: `keel_proxy::module!(keel_retry::root);` installs that root
+/// context factory (a `fn(u32) -> Box<dyn RootContext>`) with proxy-wasm's `main!`, which
+/// exports the module's `_initialize`. Only a module crate (a `cdylib`) invokes it, once: the
+/// filter crates are libraries without an `_initialize` of their own, so that several of them
+/// link into one module (`keel.wasm`).
+#[macro_export]
+macro_rules! module {
+    ($root:path) => {
+        $crate::__proxy_wasm::main! {{
+            $crate::__proxy_wasm::set_log_level($crate::__proxy_wasm::types::LogLevel::Info);
+            $crate::__proxy_wasm::set_root_context($root);
+        }}
+    };
+}

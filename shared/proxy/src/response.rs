@@ -12,10 +12,16 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 
-/// The response's `:status`, if the headers are lent and it is a number.
+/// The response's `:status`, if the headers are lent and it is a number (read once for all the
+/// stages of a pipeline, [`crate::memo`]).
 pub fn status() -> Option<u16> {
-    let value = header(":status")?;
-    std::str::from_utf8(&value).ok()?.trim().parse().ok()
+    crate::memo::remembered(
+        |m| &mut m.status,
+        || {
+            let value = header(":status")?;
+            std::str::from_utf8(&value).ok()?.trim().parse().ok()
+        },
+    )
 }
 
 /// A response header's value as bytes; `None` when absent (or not lent).

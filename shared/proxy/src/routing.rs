@@ -21,15 +21,22 @@ fn property_text(path: &[&str]) -> Option<String> {
 }
 
 /// The Envoy route name: `xds.route_name`, else `route_name` (older Envoys, the harness).
-/// `None` for a route without a name.
+/// `None` for a route without a name. Read once for all the stages of a pipeline
+/// ([`crate::memo`]).
 pub fn route_name() -> Option<String> {
-    property_text(&["xds", "route_name"]).or_else(|| property_text(&["route_name"]))
+    crate::memo::remembered(
+        |m| &mut m.route,
+        || property_text(&["xds", "route_name"]).or_else(|| property_text(&["route_name"])),
+    )
 }
 
 /// The cluster the route sends to: `xds.cluster_name`, else `cluster_name`. `None` for a
 /// route without a cluster (`direct_response`, redirects).
 pub fn cluster_name() -> Option<String> {
-    property_text(&["xds", "cluster_name"]).or_else(|| property_text(&["cluster_name"]))
+    crate::memo::remembered(
+        |m| &mut m.cluster,
+        || property_text(&["xds", "cluster_name"]).or_else(|| property_text(&["cluster_name"])),
+    )
 }
 
 /// The upstream host chosen ahead of the router, from the [`ORIGINAL_DST_HOST`] request header
