@@ -2,8 +2,10 @@
 //!
 //! - [`harness`]: a proxy-wasm ABI 0.2.1 host on wasmtime that loads the built modules from
 //!   `dist/` and drives them with a virtual clock, several VMs sharing one shared-data store,
-//!   ticks, callouts, properties, metrics and logs.
-//! - [`envoy`]: starts the real Envoy from `make setup` with a config from `envoy/`.
+//!   ticks, callouts, properties, metrics and logs; [`harness::ScriptedEtcd`] plays etcd and
+//!   the instances' health checks for the discovery filter.
+//! - [`envoy`]: starts the real Envoy from `make setup` with a config from `envoy/`, and
+//!   [`envoy::wait_for`] polls a condition on it until a timeout.
 //! - [`upstream`]: real HTTP servers on loopback whose behaviour tests switch on command.
 //! - [`etcd`]: a real etcd (Debian's `etcd-server`) on loopback, with its JSON gateway.
 

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use keel_host_tests::envoy::{Envoy, EnvoyConfig, Request, Response};
+use keel_host_tests::envoy::{wait_for, Envoy, EnvoyConfig, Request, Response};
 use keel_host_tests::etcd::{
     discovery_status, known_addresses, routable_addresses, RegisteredService,
 };
@@ -29,7 +29,7 @@ const TTL: Duration = Duration::from_secs(2);
 const WAIT: Duration = Duration::from_secs(20);
 
 fn counter(envoy: &Envoy, name: &str) -> u64 {
-    envoy.stats().unwrap().get(name).copied().unwrap_or(0)
+    envoy.stat(name).unwrap()
 }
 
 fn routable(envoy: &Envoy) -> BTreeSet<String> {
@@ -46,16 +46,12 @@ fn known(envoy: &Envoy) -> BTreeSet<String> {
 
 /// Waits (bounded) until `check` holds; the message says what was awaited.
 fn wait_until(what: &str, envoy: &Envoy, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {WAIT:?}; set: {:?}\n{}",
-            discovery_status(envoy.client(), ADMIN).ok(),
-            envoy.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        wait_for(Instant::now(), WAIT, check).is_some(),
+        "{what}: not within {WAIT:?}; set: {:?}\n{}",
+        discovery_status(envoy.client(), ADMIN).ok(),
+        envoy.log()
+    );
 }
 
 fn users_request(key: &str) -> Request {

@@ -1,6 +1,7 @@
 //! The composed scenario in Keel's wasmtime host: the filter configurations of
 //! `envoy/composed.yaml`, read from the file, loaded into one host (vm_id `keel`, two workers
-//! per filter), a virtual clock, etcd and the endpoints' health checks played by a responder.
+//! per filter), a virtual clock, etcd and the endpoints' health checks played by
+//! `harness::ScriptedEtcd`.
 //! A request of a route passes the filters of that route in the order of `http_filters`, each
 //! in its own VM, as Envoy chains them; the test plays the router (it reads the picked
 //! `x-envoy-original-dst-host` and answers for that upstream).
@@ -12,13 +13,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use keel_host_tests::etcd::range_response;
-use keel_host_tests::harness::{
-    request, response, CalloutRequest, HeaderList, Host, HttpStream, Response, Vm,
-};
+use keel_host_tests::harness::{request, response, HeaderList, Host, HttpStream, ScriptedEtcd, Vm};
 use keel_host_tests::repo_root;
 use serde_norway::Value;
 
@@ -56,49 +54,10 @@ fn composed_filters() -> Vec<(String, String, String)> {
         .collect()
 }
 
-/// etcd and the health endpoints.
-#[derive(Default)]
-struct World {
-    registered: Mutex<Vec<String>>,
-    unhealthy: Mutex<BTreeSet<String>>,
-}
-
-impl World {
-    fn respond(&self, call: &CalloutRequest) -> Option<Response> {
-        match call.upstream.as_str() {
-            "etcd" => {
-                let values: Vec<(String, String)> = self
-                    .registered
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .map(|h| {
-                        let (ip, port) = h.rsplit_once(':').unwrap();
-                        (
-                            format!("/services/users/{port}"),
-                            format!(r#"{{"address":"{ip}","port":{port}}}"#),
-                        )
-                    })
-                    .collect();
-                let kvs: Vec<(&str, &str)> = values
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                Some(Response::new(200).body(range_response(&kvs, 9).into_bytes()))
-            }
-            "keel_health" => {
-                let address = call.header(DST).unwrap_or("");
-                let down = self.unhealthy.lock().unwrap().contains(address);
-                Some(Response::new(if down { 503 } else { 200 }))
-            }
-            _ => Some(Response::connect_failure()),
-        }
-    }
-}
-
 struct Composed {
     host: Host,
-    world: Arc<World>,
+    /// etcd and the health endpoints.
+    registry: Arc<ScriptedEtcd>,
     /// Per filter (chain order): its name and its two workers.
     filters: Vec<(String, Vec<Vm>)>,
     /// Upstreams answering 500.
@@ -108,10 +67,7 @@ struct Composed {
 impl Composed {
     fn start() -> Composed {
         let host = Host::new();
-        let world = Arc::new(World::default());
-        *world.registered.lock().unwrap() = H[..3].iter().map(|h| h.to_string()).collect();
-        let responder = Arc::clone(&world);
-        host.set_responder(move |call| responder.respond(call));
+        let registry = ScriptedEtcd::install(&host, &H[..3]);
         let mut filters = Vec::new();
         for (name, root_id, config) in composed_filters() {
             let vms = host
@@ -143,7 +99,7 @@ impl Composed {
         );
         Composed {
             host,
-            world,
+            registry,
             filters,
             failing: BTreeSet::new(),
         }
@@ -257,7 +213,7 @@ fn the_composed_configs_load_and_play_the_demo_phases() {
     c.host.advance(Duration::from_millis(1500));
     let failing = H[1].to_string();
     c.failing.insert(failing.clone());
-    c.world.unhealthy.lock().unwrap().insert(failing.clone());
+    c.registry.set_healthy(&failing, false);
     let mut statuses = Vec::new();
     for (i, k) in keys.iter().enumerate().take(60) {
         statuses.push(
@@ -279,7 +235,7 @@ fn the_composed_configs_load_and_play_the_demo_phases() {
         }
     }
     c.failing.clear();
-    c.world.unhealthy.lock().unwrap().clear();
+    c.registry.set_healthy(&failing, true);
     c.host.advance(Duration::from_secs(5));
     assert_eq!(c.routable(), 3);
 
@@ -308,7 +264,7 @@ fn the_composed_configs_load_and_play_the_demo_phases() {
 
     // A fourth instance registers: only keys that move to it move.
     let before = c.pick_all(&keys);
-    c.world.registered.lock().unwrap().push(H[3].to_string());
+    c.registry.set_hosts(&H);
     c.host.advance(Duration::from_secs(3));
     assert_eq!(c.routable(), 4);
     let after = c.pick_all(&keys);

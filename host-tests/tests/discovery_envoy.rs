@@ -11,7 +11,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use keel_host_tests::envoy::{self, Envoy, EnvoyConfig, Request};
+use keel_host_tests::envoy::{self, wait_for, Envoy, EnvoyConfig, Request};
 use keel_host_tests::etcd::{
     discovery_status, known_addresses, routable_addresses, RegisteredService,
 };
@@ -71,29 +71,8 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 
 fn stat(envoy: &Envoy, what: &str) -> u64 {
     envoy
-        .stats()
+        .stat(&format!("wasmcustom.keel.discovery.users.{what}"))
         .unwrap()
-        .get(&format!("wasmcustom.keel.discovery.users.{what}"))
-        .copied()
-        .unwrap_or(0)
-}
-
-/// Polls `ready` every 50 ms from `since` until it holds or `timeout` passes; the time from
-/// `since` to the first poll that saw it.
-fn wait_for(
-    since: Instant,
-    timeout: Duration,
-    mut ready: impl FnMut() -> bool,
-) -> Option<Duration> {
-    loop {
-        if ready() {
-            return Some(since.elapsed());
-        }
-        if since.elapsed() >= timeout {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

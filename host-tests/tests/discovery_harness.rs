@@ -1,19 +1,18 @@
 //! The discovery filter in Keel's wasmtime host: several workers sharing data, a virtual clock,
-//! a registry and health checks played by a responder.
+//! a registry and health checks played by a responder (`harness::ScriptedEtcd`).
 //!
 //! Build the modules first: `make build` (dist/keel_discovery.wasm and dist/keel.wasm; the
 //! keel-discovery crate is now a library, its module is keel-discovery-module)
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may unwrap
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_core::discovery::{EndpointSet, Freshness, PassiveCounter, POLLER_LEASE_TTL};
-use keel_core::rand::{Rng, SeededRng};
 use keel_host_tests::etcd::{base64_encode, range_response};
-use keel_host_tests::harness::{request, response, Action, CalloutRequest, Host, Response, Vm};
+use keel_host_tests::harness::{
+    request, response, Action, EtcdAnswer, HealthAnswer, Host, Response, ScriptedEtcd, Vm,
+};
 use keel_host_tests::Module;
 use serde_json::Value;
 
@@ -58,154 +57,6 @@ fn workers_in(host: &Host, module: Module, config: &str, n: usize) -> Vec<Vm> {
         assert!(vm.configured(), "configuration refused: {:?}", vm.logs());
     }
     vms
-}
-
-/// What the registry answers next.
-#[derive(Clone, Debug)]
-enum Answer {
-    /// The registered hosts, as etcd's gateway would list them.
-    Hosts,
-    /// This status, empty body.
-    Status(u32),
-    /// 200 with this body.
-    Body(Vec<u8>),
-    /// The call fails without a response.
-    Reset,
-    /// Nothing listens: Envoy's own 503 for a connection failure.
-    ConnectFailure,
-    /// Noise: a valid answer with one byte changed, random bytes, or a truncated answer,
-    /// drawn anew for each call.
-    Noise,
-}
-
-/// How one host answers its health check.
-#[derive(Clone, Debug)]
-enum Check {
-    Status(u32),
-    Reset,
-    /// Never answers: the callout's timeout passes.
-    Hang,
-}
-
-/// The registry and the endpoints' health endpoints, played by a responder.
-#[derive(Default)]
-struct World {
-    hosts: Mutex<Vec<String>>,
-    answer: Mutex<Option<Answer>>,
-    /// `(vm index, virtual ms)` of each registry call.
-    registry_calls: Mutex<Vec<(usize, u64)>>,
-    health: Mutex<BTreeMap<String, Check>>,
-    checks: Mutex<Vec<CalloutRequest>>,
-    clock: Mutex<Option<Host>>,
-    rng: Mutex<Option<SeededRng>>,
-}
-
-impl World {
-    fn install(host: &Host, hosts: &[&str]) -> Arc<World> {
-        let world = Arc::new(World::default());
-        world.set_hosts(hosts);
-        *world.clock.lock().unwrap() = Some(host.clone());
-        let responder = Arc::clone(&world);
-        host.set_responder(move |call| responder.respond(call));
-        world
-    }
-
-    fn set_hosts(&self, hosts: &[&str]) {
-        *self.hosts.lock().unwrap() = hosts.iter().map(|h| h.to_string()).collect();
-    }
-
-    fn set_answer(&self, answer: Answer) {
-        *self.answer.lock().unwrap() = Some(answer);
-    }
-
-    fn set_check(&self, address: &str, check: Option<Check>) {
-        let mut health = self.health.lock().unwrap();
-        match check {
-            Some(c) => health.insert(address.to_string(), c),
-            None => health.remove(address),
-        };
-    }
-
-    fn calls(&self) -> Vec<(usize, u64)> {
-        self.registry_calls.lock().unwrap().clone()
-    }
-
-    fn checks(&self) -> Vec<CalloutRequest> {
-        self.checks.lock().unwrap().clone()
-    }
-
-    fn etcd_body(&self) -> Vec<u8> {
-        let hosts = self.hosts.lock().unwrap().clone();
-        let values: Vec<(String, String)> = hosts
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let (ip, port) = h.rsplit_once(':').unwrap();
-                (
-                    format!("{PREFIX}{i}"),
-                    format!(r#"{{"address":"{ip}","port":{port}}}"#),
-                )
-            })
-            .collect();
-        let kvs: Vec<(&str, &str)> = values
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        range_response(&kvs, 9).into_bytes()
-    }
-
-    fn noise(&self) -> Vec<u8> {
-        let valid = self.etcd_body();
-        let mut rng = self.rng.lock().unwrap();
-        let rng = rng.get_or_insert_with(|| SeededRng::new(7));
-        match rng.below(3) {
-            0 => {
-                let mut b = valid;
-                let at = rng.below(b.len() as u64) as usize;
-                b[at] = rng.next_u64() as u8;
-                b
-            }
-            1 => (0..rng.below(300)).map(|_| rng.next_u64() as u8).collect(),
-            _ => valid[..rng.below(valid.len() as u64) as usize].to_vec(),
-        }
-    }
-
-    fn respond(&self, call: &CalloutRequest) -> Option<Response> {
-        match call.upstream.as_str() {
-            "etcd" => {
-                // The clock is read, not advanced: no harness lock is taken.
-                let now = self
-                    .clock
-                    .lock()
-                    .unwrap()
-                    .as_ref()
-                    .map_or(0, |h| h.elapsed().as_millis() as u64);
-                self.registry_calls.lock().unwrap().push((call.vm, now));
-                let answer = self.answer.lock().unwrap().clone().unwrap_or(Answer::Hosts);
-                Some(match answer {
-                    Answer::Hosts => Response::new(200)
-                        .header("content-type", "application/json")
-                        .body(self.etcd_body()),
-                    Answer::Status(s) => Response::new(s),
-                    Answer::Body(b) => Response::new(200).body(b),
-                    Answer::Reset => Response::reset(),
-                    Answer::ConnectFailure => Response::connect_failure(),
-                    Answer::Noise => Response::new(200).body(self.noise()),
-                })
-            }
-            "keel_health" => {
-                self.checks.lock().unwrap().push(call.clone());
-                let address = call.header("x-envoy-original-dst-host").unwrap_or("");
-                match self.health.lock().unwrap().get(address).cloned() {
-                    None => Some(Response::new(200).body("ok")),
-                    Some(Check::Status(s)) => Some(Response::new(s)),
-                    Some(Check::Reset) => Some(Response::reset()),
-                    Some(Check::Hang) => None,
-                }
-            }
-            _ => Some(Response::connect_failure()),
-        }
-    }
 }
 
 fn published(host: &Host, service: &str) -> Option<EndpointSet> {
@@ -280,18 +131,18 @@ fn only_one_of_several_workers_polls_and_all_see_the_set() {
     for module in Module::BOTH {
         eprintln!("module: {module:?}");
         let host = Host::new();
-        let world = World::install(&host, &[H1, H2, H3]);
+        let registry = ScriptedEtcd::install(&host, &[H1, H2, H3]);
         let vms = workers_in(&host, module, &with_admin(), 4);
         host.advance(Duration::from_secs(10));
         no_crash(&vms);
 
         // One registry read per refresh (1 s) for the whole process, not one per worker.
-        let calls = world.calls();
+        let calls = registry.reads();
         assert_eq!(calls.len(), 10, "{calls:?}");
-        assert!(calls.iter().all(|(vm, _)| *vm == calls[0].0), "{calls:?}");
+        assert!(calls.iter().all(|vm| *vm == calls[0]), "{calls:?}");
         assert_eq!(host.counter("keel.discovery.poller.acquired"), 1);
         // Health checks too: one per host per interval.
-        let checks = world.checks().len();
+        let checks = registry.checks().len();
         assert!(
             (27..=33).contains(&checks),
             "{checks} checks for 3 hosts in 10 s"
@@ -344,20 +195,20 @@ fn the_registry_request_reads_the_prefix() {
 #[test]
 fn another_worker_takes_over_when_the_poller_stops() {
     let host = Host::new();
-    let world = World::install(&host, &[H1, H2, H3]);
+    let registry = ScriptedEtcd::install(&host, &[H1, H2, H3]);
     let mut vms = workers(&host, MINIMAL, 3);
     host.advance(Duration::from_secs(3));
-    let poller = world.calls().last().unwrap().0;
+    let poller = *registry.reads().last().unwrap();
     assert_eq!(users(&host).routable().count(), 3);
 
     // The poller's VM goes away (a worker that stopped running its tick).
     let stopped_at = host.elapsed();
     vms.retain(|vm| vm.index() != poller);
-    let calls_before = world.calls().len();
+    let calls_before = registry.reads().len();
     let mut took_over = None;
     for _ in 0..100 {
         host.advance(ms(100));
-        if let Some((vm, _)) = world.calls().get(calls_before) {
+        if let Some(vm) = registry.reads().get(calls_before) {
             took_over = Some((*vm, host.elapsed() - stopped_at));
             break;
         }
@@ -371,14 +222,12 @@ fn another_worker_takes_over_when_the_poller_stops() {
     assert_eq!(host.counter("keel.discovery.poller.acquired"), 2);
 
     // The new poller keeps the set current, alone.
-    world.set_hosts(&[H1, H2, H3, H4]);
+    registry.set_hosts(&[H1, H2, H3, H4]);
     host.advance(Duration::from_secs(5));
     assert_eq!(addresses(&users(&host)), [H1, H2, H3, H4]);
     assert_eq!(routable(&users(&host)).len(), 4);
-    let calls = world.calls();
-    assert!(calls[calls_before..]
-        .iter()
-        .all(|(vm, _)| *vm == new_poller));
+    let calls = registry.reads();
+    assert!(calls[calls_before..].iter().all(|vm| *vm == new_poller));
     assert_eq!(host.counter("keel.discovery.poller.acquired"), 2);
     no_crash(&vms);
 }
@@ -387,8 +236,7 @@ fn another_worker_takes_over_when_the_poller_stops() {
 fn a_vm_that_lost_the_lease_ignores_answers_to_what_it_sent() {
     let host = Host::new();
     let vms = workers(&host, &config(&[], &[("health_check", Value::Null)]), 2);
-    let world = World::default();
-    *world.hosts.lock().unwrap() = vec![H1.to_string(), H2.to_string(), H3.to_string()];
+    let registry = ScriptedEtcd::new(&[H1, H2, H3]);
     host.advance(ms(100));
     let first = host.callouts();
     assert_eq!(first.len(), 1);
@@ -397,7 +245,7 @@ fn a_vm_that_lost_the_lease_ignores_answers_to_what_it_sent() {
         .into_iter()
         .next()
         .unwrap()
-        .respond(Response::new(200).body(world.etcd_body()));
+        .respond(Response::new(200).body(registry.range_body()));
     assert_eq!(addresses(&users(&host)), [H1, H2, H3]);
 
     // The next read is in flight when another holder takes the lease.
@@ -412,8 +260,8 @@ fn a_vm_that_lost_the_lease_ignores_answers_to_what_it_sent() {
     host.advance(ms(100));
     assert!(vms[poller].has_log("lost the poller lease"));
     // Its answer arrives afterwards: ignored, the set stays as published.
-    *world.hosts.lock().unwrap() = vec![H1.to_string()];
-    late.respond(Response::new(200).body(world.etcd_body()));
+    registry.set_hosts(&[H1]);
+    late.respond(Response::new(200).body(registry.range_body()));
     assert_eq!(addresses(&users(&host)), [H1, H2, H3]);
     assert!(
         host.callouts().is_empty(),
@@ -427,7 +275,7 @@ fn a_vm_that_lost_the_lease_ignores_answers_to_what_it_sent() {
         .into_iter()
         .next()
         .expect("a new poller reads");
-    next.respond(Response::new(200).body(world.etcd_body()));
+    next.respond(Response::new(200).body(registry.range_body()));
     assert_eq!(addresses(&users(&host)), [H1]);
     assert_eq!(host.counter("keel.discovery.poller.acquired"), 2);
 }
@@ -437,7 +285,7 @@ fn a_vm_that_lost_the_lease_ignores_answers_to_what_it_sent() {
 #[test]
 fn a_failing_registry_leaves_the_last_known_set_serving() {
     let host = Host::new();
-    let world = World::install(&host, &[H1, H2, H3]);
+    let registry = ScriptedEtcd::install(&host, &[H1, H2, H3]);
     let cfg = config(
         &[("admin_path", ADMIN.into())],
         &[("max_stale", "30s".into())],
@@ -447,20 +295,20 @@ fn a_failing_registry_leaves_the_last_known_set_serving() {
     let good = users(&host);
     assert_eq!(routable(&good), [H1, H2, H3]);
 
-    let valid = world.etcd_body();
+    let valid = registry.range_body();
     let phases = [
-        Answer::Status(503),
-        Answer::Body(b"<html>bad gateway</html>".to_vec()),
-        Answer::Reset,
-        Answer::Body(valid[..valid.len() / 2].to_vec()),
-        Answer::Body(range_response(&[("/services/users/x", "junk")], 10).into_bytes()),
+        EtcdAnswer::Status(503),
+        EtcdAnswer::Body(b"<html>bad gateway</html>".to_vec()),
+        EtcdAnswer::Reset,
+        EtcdAnswer::Body(valid[..valid.len() / 2].to_vec()),
+        EtcdAnswer::Body(range_response(&[("/services/users/x", "junk")], 10).into_bytes()),
     ];
-    let calls_before = world.calls().len();
+    let calls_before = registry.reads().len();
     let checks_before = counter(&host, "checks_passed");
     // Each phase outlasts the longest backoff (10 s for a 1 s refresh), so each is tried.
     for phase in phases {
         let failed_before = counter(&host, "refresh_failed");
-        world.set_answer(phase.clone());
+        registry.set_answer(phase.clone());
         for _ in 0..12 {
             host.advance(Duration::from_secs(1));
             let set = users(&host);
@@ -478,7 +326,7 @@ fn a_failing_registry_leaves_the_last_known_set_serving() {
     }
     no_crash(&vms);
     // Refreshes went on with backoff: far fewer than one a second.
-    let tries = world.calls().len() - calls_before;
+    let tries = registry.reads().len() - calls_before;
     assert!((5..=16).contains(&tries), "{tries} tries in 60 s");
     // Active checks went on: hosts that die meanwhile still leave the traffic.
     assert!(counter(&host, "checks_passed") >= checks_before + 3 * 55);
@@ -511,8 +359,8 @@ fn a_failing_registry_leaves_the_last_known_set_serving() {
     assert_eq!(lines_503, 1);
 
     // The registry comes back with a new instance: it joins within the backoff cap.
-    world.set_hosts(&[H1, H2, H3, H4]);
-    world.set_answer(Answer::Hosts);
+    registry.set_hosts(&[H1, H2, H3, H4]);
+    registry.set_answer(EtcdAnswer::Hosts);
     let mut joined = None;
     for second in 1..=12 {
         host.advance(Duration::from_secs(1));
@@ -535,13 +383,13 @@ fn an_etcd_outage_flags_the_set_stale_keeps_it_and_a_new_instance_joins_after() 
     // discovery_envoy.rs's outage with the configuration as written (max_stale 5m): etcd
     // stopped for 30 s, then back with a new instance.
     let host = Host::new();
-    let world = World::install(&host, &[H1, H2, H3]);
+    let registry = ScriptedEtcd::install(&host, &[H1, H2, H3]);
     let vms = workers(&host, &with_admin(), 2);
     host.advance(Duration::from_secs(3));
     assert_eq!(routable(&users(&host)), [H1, H2, H3]);
     let failed_before = counter(&host, "refresh_failed");
 
-    world.set_answer(Answer::ConnectFailure);
+    registry.set_answer(EtcdAnswer::ConnectFailure);
     let mut ages = Vec::new();
     for _ in 0..30 {
         host.advance(Duration::from_secs(1));
@@ -567,8 +415,8 @@ fn an_etcd_outage_flags_the_set_stale_keeps_it_and_a_new_instance_joins_after() 
         .any(|(_, l)| l.message.contains("registry refresh failed")));
 
     // etcd comes back and a new instance registers: it joins within the backoff cap.
-    world.set_hosts(&[H1, H2, H3, H4]);
-    world.set_answer(Answer::Hosts);
+    registry.set_hosts(&[H1, H2, H3, H4]);
+    registry.set_answer(EtcdAnswer::Hosts);
     let mut joined = false;
     for _ in 0..120 {
         host.advance(ms(100));
@@ -589,7 +437,7 @@ fn an_etcd_outage_flags_the_set_stale_keeps_it_and_a_new_instance_joins_after() 
 #[test]
 fn the_minimal_configuration_works_as_written() {
     let host = Host::new();
-    World::install(&host, &[H1]);
+    ScriptedEtcd::install(&host, &[H1]);
     let vms = workers(&host, MINIMAL, 2);
     host.advance(Duration::from_secs(2));
     assert_eq!(routable(&users(&host)), [H1]);
@@ -674,11 +522,11 @@ fn a_bad_configuration_is_refused_with_the_field_named() {
 #[test]
 fn failing_checks_take_a_host_out_and_passing_ones_bring_it_back() {
     let host = Host::new();
-    let world = World::install(&host, &[H1, H2, H3]);
+    let registry = ScriptedEtcd::install(&host, &[H1, H2, H3]);
     let vms = workers(&host, MINIMAL, 2);
     host.advance(Duration::from_secs(2));
     assert_eq!(routable(&users(&host)), [H1, H2, H3]);
-    let call = world
+    let call = registry
         .checks()
         .into_iter()
         .find(|c| c.header("x-envoy-original-dst-host") == Some(H3))
@@ -690,7 +538,7 @@ fn failing_checks_take_a_host_out_and_passing_ones_bring_it_back() {
 
     // Host 3 starts failing: out after unhealthy_threshold (2) failed checks, within
     // 2 × interval + one interval; known all along.
-    world.set_check(H3, Some(Check::Status(503)));
+    registry.set_check(H3, Some(HealthAnswer::Status(503)));
     let failing_since = host.elapsed();
     let failed_before = counter(&host, "checks_failed");
     let mut out_after = None;
@@ -714,7 +562,7 @@ fn failing_checks_take_a_host_out_and_passing_ones_bring_it_back() {
         .has_log("127.0.0.1:18093 is now unhealthy by active checks (last check: status 503)")));
 
     // It recovers: back after healthy_threshold (1) passing check, within one interval.
-    world.set_check(H3, None);
+    registry.set_check(H3, None);
     let healthy_since = host.elapsed();
     let mut back_after = None;
     for _ in 0..30 {
@@ -731,8 +579,8 @@ fn failing_checks_take_a_host_out_and_passing_ones_bring_it_back() {
     );
 
     // A check that times out, and one whose connection is reset, fail too.
-    world.set_check(H1, Some(Check::Hang));
-    world.set_check(H2, Some(Check::Reset));
+    registry.set_check(H1, Some(HealthAnswer::Hang));
+    registry.set_check(H2, Some(HealthAnswer::Reset));
     host.advance(Duration::from_secs(5));
     assert_eq!(routable(&users(&host)), [H3]);
     no_crash(&vms);
@@ -741,17 +589,17 @@ fn failing_checks_take_a_host_out_and_passing_ones_bring_it_back() {
 #[test]
 fn a_new_host_gets_traffic_after_one_passing_check() {
     let host = Host::new();
-    let world = World::install(&host, &[H1]);
-    world.set_check(H2, Some(Check::Status(500)));
+    let registry = ScriptedEtcd::install(&host, &[H1]);
+    registry.set_check(H2, Some(HealthAnswer::Status(500)));
     let _vms = workers(&host, MINIMAL, 1);
     host.advance(Duration::from_secs(2));
-    world.set_hosts(&[H1, H2]);
+    registry.set_hosts(&[H1, H2]);
     host.advance(Duration::from_secs(2));
     // Known, never passed a check: no traffic.
     let set = users(&host);
     assert_eq!(addresses(&set), [H1, H2]);
     assert_eq!(routable(&set), [H1]);
-    world.set_check(H2, None);
+    registry.set_check(H2, None);
     host.advance(Duration::from_secs(2));
     assert_eq!(routable(&users(&host)), [H1, H2]);
 }
@@ -765,7 +613,7 @@ fn passive_config() -> String {
 #[test]
 fn consecutive_failures_of_real_traffic_eject_a_host_for_a_growing_time() {
     let host = Host::new();
-    World::install(&host, &[H1, H2, H3]);
+    ScriptedEtcd::install(&host, &[H1, H2, H3]);
     let vms = workers(&host, &passive_config(), 2);
     host.advance(Duration::from_secs(2));
     assert_eq!(routable(&users(&host)), [H1, H2, H3]);
@@ -836,7 +684,7 @@ fn an_ejected_host_stays_out_while_its_active_checks_pass() {
     // discovery_envoy.rs: with the configuration as written (active checks on), an instance
     // that fails real traffic but passes its checks is ejected, and stays ejected.
     let host = Host::new();
-    World::install(&host, &[H1, H2, H3]);
+    ScriptedEtcd::install(&host, &[H1, H2, H3]);
     let vms = workers(&host, &with_admin(), 2);
     host.advance(Duration::from_secs(2));
     assert_eq!(routable(&users(&host)), [H1, H2, H3]);
@@ -872,7 +720,7 @@ fn an_ejected_host_stays_out_while_its_active_checks_pass() {
 #[test]
 fn traffic_outside_the_set_or_without_an_upstream_is_not_counted() {
     let host = Host::new();
-    World::install(&host, &[H1, H2, H3]);
+    ScriptedEtcd::install(&host, &[H1, H2, H3]);
     let vms = workers(&host, &passive_config(), 1);
     host.advance(Duration::from_secs(2));
     let keys_before = host.shared_data_keys("keel");
@@ -890,7 +738,7 @@ fn traffic_outside_the_set_or_without_an_upstream_is_not_counted() {
 
     // Passive ejection turned off.
     let off = Host::new();
-    World::install(&off, &[H1, H2, H3]);
+    ScriptedEtcd::install(&off, &[H1, H2, H3]);
     let cfg = passive_config().replace(
         r#""refresh": "1s""#,
         r#""refresh": "1s", "passive": {"enabled": false}"#,
@@ -908,7 +756,7 @@ fn traffic_outside_the_set_or_without_an_upstream_is_not_counted() {
 #[test]
 fn a_host_the_registry_drops_is_removed_and_forgotten() {
     let host = Host::new();
-    let world = World::install(&host, &[H1, H2, H3]);
+    let registry = ScriptedEtcd::install(&host, &[H1, H2, H3]);
     let vms = workers(&host, &passive_config(), 2);
     host.advance(Duration::from_secs(2));
     for _ in 0..3 {
@@ -922,12 +770,12 @@ fn a_host_the_registry_drops_is_removed_and_forgotten() {
     };
     assert_eq!(count(&host), 3);
     // Host 2's lease lapses: the next refresh drops it.
-    world.set_hosts(&[H1, H3]);
+    registry.set_hosts(&[H1, H3]);
     host.advance(Duration::from_secs(1));
     assert_eq!(addresses(&users(&host)), [H1, H3]);
     assert_eq!(count(&host), 0);
     // It comes back with a clean record.
-    world.set_hosts(&[H1, H2, H3]);
+    registry.set_hosts(&[H1, H2, H3]);
     host.advance(Duration::from_secs(1));
     for _ in 0..4 {
         traffic(&vms[1], H2, 503, None);
@@ -943,7 +791,7 @@ fn a_host_the_registry_drops_is_removed_and_forgotten() {
 #[test]
 fn hostile_entries_are_skipped_logged_once_and_never_reach_a_header() {
     let host = Host::new();
-    let world = World::install(&host, &[]);
+    let registry = ScriptedEtcd::install(&host, &[]);
     let ok = r#"{"address":"127.0.0.1","port":18091}"#;
     let long_zone = format!(
         r#"{{"address":"127.0.0.3","port":80,"zone":"{}"}}"#,
@@ -979,7 +827,7 @@ fn hostile_entries_are_skipped_logged_once_and_never_reach_a_header() {
         r#""kvs":[{"key":"L3NlcnZpY2VzL3VzZXJzL2I2NA==","value":"%%%"},"#,
         1,
     );
-    world.set_answer(Answer::Body(body.into_bytes()));
+    registry.set_answer(EtcdAnswer::Body(body.into_bytes()));
     let vms = workers(&host, &with_admin(), 2);
     host.advance(Duration::from_secs(5));
     no_crash(&vms);
@@ -1002,7 +850,7 @@ fn hostile_entries_are_skipped_logged_once_and_never_reach_a_header() {
     assert!(logs.iter().any(|l| l.contains("is a host name")));
     assert!(logs.iter().all(|l| !l.contains('\r') && !l.contains('\n')));
     // Health checks only ever name the valid host.
-    for check in world.checks() {
+    for check in registry.checks() {
         assert_eq!(check.header("x-envoy-original-dst-host"), Some(H1));
     }
     // The admin document is valid JSON naming only the valid host.
@@ -1013,11 +861,11 @@ fn hostile_entries_are_skipped_logged_once_and_never_reach_a_header() {
 #[test]
 fn random_and_oversized_answers_never_crash_and_keep_the_set() {
     let host = Host::new();
-    let world = World::install(&host, &[H1, H2]);
+    let registry = ScriptedEtcd::install(&host, &[H1, H2]);
     let cfg = config(&[], &[("max_endpoints", 2.into())]);
     let vms = workers(&host, &cfg, 2);
     host.advance(Duration::from_secs(2));
-    world.set_answer(Answer::Noise);
+    registry.set_answer(EtcdAnswer::Noise);
     let failed_before = counter(&host, "refresh_failed");
     for _ in 0..90 {
         host.advance(Duration::from_secs(10));
@@ -1029,7 +877,7 @@ fn random_and_oversized_answers_never_crash_and_keep_the_set() {
             assert_eq!(parsed.to_string(), r.address);
         }
     }
-    let attempts = world.calls().len();
+    let attempts = registry.reads().len();
     assert!(attempts > 100, "{attempts} noisy answers");
     assert!(counter(&host, "refresh_failed") > failed_before + 50);
     no_crash(&vms);
@@ -1037,7 +885,7 @@ fn random_and_oversized_answers_never_crash_and_keep_the_set() {
     let mut big = b"{\"header\":{\"revision\":\"1\"},\"pad\":\"".to_vec();
     big.extend(std::iter::repeat_n(b'x', 100 * 1024));
     big.extend_from_slice(b"\"}");
-    world.set_answer(Answer::Body(big));
+    registry.set_answer(EtcdAnswer::Body(big));
     host.advance(Duration::from_secs(15));
     assert!(vms.iter().any(|vm| vm.has_log("above the limit of 98304")));
     no_crash(&vms);
@@ -1104,13 +952,13 @@ fn consul_blocking_queries_echo_the_index() {
 #[test]
 fn a_static_list_is_published_without_a_registry() {
     let host = Host::new();
-    let world = World::install(&host, &[]);
-    world.set_check(H2, Some(Check::Status(503)));
+    let registry = ScriptedEtcd::install(&host, &[]);
+    registry.set_check(H2, Some(HealthAnswer::Status(503)));
     let cfg = r#"{"services": [{"name": "users", "source": {"static": [{"address": "127.0.0.1", "port": 18091, "zone": "a"}, {"address": "127.0.0.1", "port": 18092, "weight": 3}]}, "health_check": {"path": "/healthz", "interval": "1s"}},
                   {"name": "orders", "source": {"static": [{"address": "::1", "port": 8080}]}}], "admin_path": "/keel/discovery"}"#;
     let vms = workers(&host, cfg, 2);
     host.advance(Duration::from_secs(3));
-    assert!(world.calls().is_empty());
+    assert!(registry.reads().is_empty());
     let set = users(&host);
     assert_eq!(addresses(&set), [H1, H2]);
     assert_eq!(routable(&set), [H1]);

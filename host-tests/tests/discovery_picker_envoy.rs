@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use keel_host_tests::envoy::{Client, Envoy, EnvoyConfig, Request};
+use keel_host_tests::envoy::{wait_for, Client, Envoy, EnvoyConfig, Request};
 use keel_host_tests::etcd::{
     discovery_status, known_addresses, routable_addresses, RegisteredService,
 };
@@ -80,32 +80,11 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
     v
 }
 
-/// Polls `ready` every 50 ms until it holds or `timeout` passes since `since`; the time from
-/// `since` to the first poll that saw it.
-fn wait_for(
-    since: Instant,
-    timeout: Duration,
-    mut ready: impl FnMut() -> bool,
-) -> Option<Duration> {
-    loop {
-        if ready() {
-            return Some(since.elapsed());
-        }
-        if since.elapsed() >= timeout {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A counter or gauge of the discovery filter for `users` (0 until defined).
 fn discovery_stat(envoy: &Envoy, what: &str) -> u64 {
     envoy
-        .stats()
+        .stat(&format!("wasmcustom.keel.discovery.users.{what}"))
         .unwrap()
-        .get(&format!("wasmcustom.keel.discovery.users.{what}"))
-        .copied()
-        .unwrap_or(0)
 }
 
 /// When an upstream received its last request (health checks are not counted).

@@ -5,20 +5,20 @@
 //! picker reads the set discovery publishes in the host's shared data. A request goes through
 //! the discovery filter first (it watches outcomes), then the picker, whose chosen host is what
 //! the "upstream" answers from. The registry (etcd's `/v3/kv/range`) and the instances'
-//! `/healthz` are played by a responder; time is the host's virtual clock. Where the Envoy test
-//! watches a lease lapse in a real etcd, the registry here stops listing the instance, which is
-//! what etcd does once the lease has lapsed (the TTL itself is etcd's clock, not the filter's).
+//! `/healthz` are played by `harness::ScriptedEtcd`; time is the host's virtual clock. Where the
+//! Envoy test watches a lease lapse in a real etcd, the registry here stops listing the
+//! instance, which is what etcd does once the lease has lapsed (the TTL itself is etcd's clock,
+//! not the filter's).
 //!
 //! Build the modules first (`make build`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may unwrap
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use keel_host_tests::etcd::range_response;
-use keel_host_tests::harness::{request, response, Action, Host, Response, Vm};
+use keel_host_tests::harness::{request, response, Action, Host, ScriptedEtcd, Vm};
 use serde_json::Value;
 
 /// `envoy/discovery-picker.yaml`'s discovery configuration, as written.
@@ -26,7 +26,6 @@ const DISCOVERY: &str = r#"{"services": [{"name": "users", "source": {"etcd": {"
 /// `envoy/discovery-picker.yaml`'s picker configuration, as written.
 const PICKER: &str = r#"{"pickers": [{"name": "users", "key": "header:x-user", "algorithm": "ring", "service": "users"}]}"#;
 const ADMIN: &str = "/keel/discovery";
-const PREFIX: &str = "/services/users/";
 const DST: &str = "x-envoy-original-dst-host";
 
 /// As in the configuration: `refresh`, the check `interval` and the thresholds.
@@ -45,92 +44,6 @@ const H4: &str = "127.0.0.1:18094";
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-// ----- the registry and the instances -----
-
-/// etcd and the instances' health endpoints, played by a responder.
-#[derive(Default)]
-struct Registry {
-    /// The registered instances, in registration order.
-    hosts: Mutex<Vec<String>>,
-    /// While true, etcd is down: Envoy answers each read with its connect-failure 503.
-    down: Mutex<bool>,
-    /// Instances whose `/healthz` answers 503.
-    sick: Mutex<BTreeSet<String>>,
-    /// Index of the VM that made each registry read.
-    reads: Mutex<Vec<usize>>,
-}
-
-impl Registry {
-    fn install(host: &Host, hosts: &[&str]) -> Arc<Registry> {
-        let registry = Arc::new(Registry::default());
-        registry.set_hosts(hosts);
-        let responder = Arc::clone(&registry);
-        host.set_responder(move |call| responder.answer(call));
-        registry
-    }
-
-    fn set_hosts(&self, hosts: &[&str]) {
-        *self.hosts.lock().unwrap() = hosts.iter().map(|h| h.to_string()).collect();
-    }
-
-    fn set_down(&self, down: bool) {
-        *self.down.lock().unwrap() = down;
-    }
-
-    fn set_healthy(&self, address: &str, healthy: bool) {
-        let mut sick = self.sick.lock().unwrap();
-        if healthy {
-            sick.remove(address);
-        } else {
-            sick.insert(address.to_string());
-        }
-    }
-
-    fn reads(&self) -> Vec<usize> {
-        self.reads.lock().unwrap().clone()
-    }
-
-    fn answer(&self, call: &keel_host_tests::harness::CalloutRequest) -> Option<Response> {
-        match call.upstream.as_str() {
-            "etcd" => {
-                self.reads.lock().unwrap().push(call.vm);
-                if *self.down.lock().unwrap() {
-                    return Some(Response::connect_failure());
-                }
-                let hosts = self.hosts.lock().unwrap().clone();
-                let values: Vec<(String, String)> = hosts
-                    .iter()
-                    .map(|h| {
-                        let (ip, port) = h.rsplit_once(':').unwrap();
-                        (
-                            format!("{PREFIX}{port}"),
-                            format!(r#"{{"address":"{ip}","port":{port}}}"#),
-                        )
-                    })
-                    .collect();
-                let kvs: Vec<(&str, &str)> = values
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                Some(
-                    Response::new(200)
-                        .header("content-type", "application/json")
-                        .body(range_response(&kvs, 5)),
-                )
-            }
-            "keel_health" => {
-                let address = call.header(DST).unwrap_or("");
-                if self.sick.lock().unwrap().contains(address) {
-                    Some(Response::new(503))
-                } else {
-                    Some(Response::new(200).body("ok"))
-                }
-            }
-            _ => Some(Response::connect_failure()),
-        }
-    }
 }
 
 // ----- one Envoy worker: discovery, then the picker -----
@@ -248,9 +161,9 @@ fn all(hosts: &[&str]) -> Vec<String> {
 }
 
 /// A host with the registry and two workers, once the three instances are routable.
-fn rig() -> (Host, Arc<Registry>, Vec<Worker>) {
+fn rig() -> (Host, Arc<ScriptedEtcd>, Vec<Worker>) {
     let host = Host::new();
-    let registry = Registry::install(&host, &[H1, H2, H3]);
+    let registry = ScriptedEtcd::install(&host, &[H1, H2, H3]);
     let ws = workers(&host, DISCOVERY, PICKER, 2);
     // Before anything is published the picker has no host.
     assert_eq!(route(&ws[0], "early"), None);
@@ -497,9 +410,9 @@ fn the_registry_sees_one_poller_for_the_whole_process() {
 
 /// Discovery over a static list (priorities given) with checks every 100 ms, one failure
 /// taking an endpoint out and one success bringing it back; the picker on Maglev.
-fn static_rig(priorities: [u8; 3]) -> (Host, Arc<Registry>, Vec<Worker>) {
+fn static_rig(priorities: [u8; 3]) -> (Host, Arc<ScriptedEtcd>, Vec<Worker>) {
     let host = Host::new();
-    let registry = Registry::install(&host, &[]);
+    let registry = ScriptedEtcd::install(&host, &[]);
     let statics: Vec<String> = [18091, 18092, 18093]
         .iter()
         .zip(priorities)

@@ -34,6 +34,11 @@ fn workers_in(host: &Host, module: Module, config: &str, n: usize) -> Vec<Vm> {
     vms
 }
 
+/// `n` workers of the filter's own module.
+fn workers(host: &Host, config: &str, n: usize) -> Vec<Vm> {
+    workers_in(host, Module::Own, config, n)
+}
+
 fn worker(host: &Host, config: &str) -> Vm {
     worker_in(host, Module::Own, config)
 }

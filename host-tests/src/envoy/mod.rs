@@ -66,6 +66,37 @@ pub const CONFIG_RUNTIME: &str = "envoy.wasm.runtime.v8";
 /// How long [`EnvoyConfig::start`] waits for Envoy to be ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How often [`wait_for`] polls.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Polls `ready` every [`POLL_INTERVAL`] until it holds or `timeout` has passed since `since`:
+/// the time from `since` to the first poll that saw it hold, `None` if none did. `since` may lie
+/// in the past (the moment something was changed), so the time measured is the reaction's.
+///
+/// ```no_run
+/// use std::time::{Duration, Instant};
+/// use keel_host_tests::envoy::wait_for;
+///
+/// let started = Instant::now();
+/// let took = wait_for(started, Duration::from_secs(5), || started.elapsed().as_secs() >= 1);
+/// assert!(took.is_some());
+/// ```
+pub fn wait_for(
+    since: Instant,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Option<Duration> {
+    loop {
+        if ready() {
+            return Some(since.elapsed());
+        }
+        if since.elapsed() >= timeout {
+            return None;
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
 /// How often a start is retried when a port picked as free was taken in the meantime.
 const BIND_ATTEMPTS: usize = 3;
 
@@ -522,6 +553,12 @@ impl Envoy {
             .take(20)
             .collect();
         bail!("no stat {name}; stats ending in {stem}: {similar:?}")
+    }
+
+    /// A counter or gauge, 0 while Envoy does not list it (a filter's metric exists from the
+    /// first time the filter touches it); an error only when admin `/stats` does not answer.
+    pub fn stat(&self, name: &str) -> anyhow::Result<u64> {
+        Ok(self.stats()?.get(name).copied().unwrap_or(0))
     }
 
     /// Polls `counter(name)` until it is at least `at_least`, for up to `timeout`; returns the

@@ -84,16 +84,23 @@
 //! - WASI preview1 is provided with nothing inherited: stdout and stderr are captured
 //!   ([`Vm::stdout`]), clocks read the virtual clock, `random_get` is seeded
 //!   ([`Host::set_random_seed`]).
+//!
+//! # Scenery
+//!
+//! - [`ScriptedEtcd`]: a responder playing etcd's range reads and the instances' `/healthz`
+//!   for the discovery filter, scripted by the test (see [`registry`]).
 
 mod abi;
 mod engine;
 mod host;
 mod imports;
+pub mod registry;
 mod stream;
 mod types;
 mod vm;
 
 pub use host::Host;
+pub use registry::{EtcdAnswer, HealthAnswer, ScriptedEtcd};
 pub use stream::HttpStream;
 pub use types::{
     request, response, Action, CalloutRequest, Flow, HeaderList, LocalReply, LogEntry, LogLevel,
