@@ -246,7 +246,7 @@ fn a_failed_first_attempt_is_retried_once_on_two_workers_within_the_minimal_budg
     // retry_envoy.rs's first test: 100 requests whose first attempt fails, over two workers
     // sharing the budget (its reserve, 10/s over 10 s, plus 20 % of requests covers them all).
     let host = Host::new();
-    let vms = workers_in(&host, Module::Own, MINIMAL, 2);
+    let vms = workers(&host, MINIMAL, 2);
     let n = 100;
     for i in 0..n {
         let vm = &vms[i % 2];
@@ -296,7 +296,7 @@ fn a_total_outage_costs_at_most_the_minimal_budget() {
     // retry_envoy.rs's outage: 600 requests over two workers, every attempt a 503. Upstream
     // attempts stay within n + 20 % of n + 10/s × 10 s.
     let host = Host::new();
-    let vms = workers_in(&host, Module::Own, MINIMAL, 2);
+    let vms = workers(&host, MINIMAL, 2);
     let n: u64 = 600;
     let streams: Vec<HttpStream> = (0..n as usize)
         .map(|i| first_attempt(&vms[i % 2], get(&format!("down-{i}")), 503).0)
