@@ -57,3 +57,25 @@ impl Module {
         }
     }
 }
+
+/// `n` workers (VMs sharing the host's shared data, `vm_id` `keel`) of the filter `root_id`
+/// from `module`, each configured with `config`; an error, with the logs, when a module does not
+/// load or a VM refuses the configuration. Every filter's harness tests start their VMs here.
+pub fn configured_workers(
+    host: &harness::Host,
+    root_id: &str,
+    module: Module,
+    config: &str,
+    n: usize,
+) -> anyhow::Result<Vec<harness::Vm>> {
+    let vms = host
+        .filter(root_id, module)
+        .vm_id("keel")
+        .config(config)
+        .start_workers(n)
+        .map_err(|e| anyhow::anyhow!("{e:#} (run `make build` first)"))?;
+    if let Some(refused) = vms.iter().find(|vm| !vm.configured()) {
+        anyhow::bail!("{root_id}: configuration refused: {:?}", refused.logs());
+    }
+    Ok(vms)
+}

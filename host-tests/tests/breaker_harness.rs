@@ -21,16 +21,7 @@ fn workers(host: &Host, config: &str, n: usize) -> Vec<Vm> {
 
 /// `n` workers of the filter from `module` (its own or keel.wasm).
 fn workers_in(host: &Host, module: Module, config: &str, n: usize) -> Vec<Vm> {
-    let vms = host
-        .filter("circuit_breaker", module)
-        .vm_id("keel")
-        .config(config)
-        .start_workers(n)
-        .expect("the module loads (build dist/keel_circuit_breaker.wasm first)");
-    for vm in &vms {
-        assert!(vm.configured(), "configuration refused: {:?}", vm.logs());
-    }
-    vms
+    keel_host_tests::configured_workers(host, "circuit_breaker", module, config, n).unwrap()
 }
 
 /// A request on route `orders` with these extra headers; the stream is left open.

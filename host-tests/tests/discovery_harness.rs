@@ -47,16 +47,7 @@ fn workers(host: &Host, config: &str, n: usize) -> Vec<Vm> {
 
 /// `n` workers of the filter from `module` (its own or keel.wasm).
 fn workers_in(host: &Host, module: Module, config: &str, n: usize) -> Vec<Vm> {
-    let vms = host
-        .filter("discovery", module)
-        .vm_id("keel")
-        .config(config)
-        .start_workers(n)
-        .expect("the module loads (build dist/keel_discovery.wasm first)");
-    for vm in &vms {
-        assert!(vm.configured(), "configuration refused: {:?}", vm.logs());
-    }
-    vms
+    keel_host_tests::configured_workers(host, "discovery", module, config, n).unwrap()
 }
 
 fn published(host: &Host, service: &str) -> Option<EndpointSet> {

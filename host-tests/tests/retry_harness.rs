@@ -22,16 +22,7 @@ fn ms(n: u64) -> Duration {
 
 /// `n` workers of the filter from `module` (its own or keel.wasm).
 fn workers_in(host: &Host, module: Module, config: &str, n: usize) -> Vec<Vm> {
-    let vms = host
-        .filter("retry", module)
-        .vm_id("keel")
-        .config(config)
-        .start_workers(n)
-        .expect("the module loads (build dist/keel_retry.wasm first)");
-    for vm in &vms {
-        assert!(vm.configured(), "configuration refused: {:?}", vm.logs());
-    }
-    vms
+    keel_host_tests::configured_workers(host, "retry", module, config, n).unwrap()
 }
 
 /// `n` workers of the filter's own module.

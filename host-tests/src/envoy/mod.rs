@@ -368,27 +368,33 @@ impl EnvoyConfig {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free loopback port")?;
     Ok(listener.local_addr()?.port())
 }
 
-fn loopback(port: u16) -> SocketAddr {
+/// `127.0.0.1:port`.
+pub(crate) fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
 /// A new temporary directory for one Envoy run.
 fn make_run_dir() -> anyhow::Result<PathBuf> {
+    make_temp_dir("keel-envoy")
+}
+
+/// A new directory `<prefix>-<pid>-<n>-<nanos>` under the system's temporary directory, unique
+/// across the tests of a process and across processes.
+pub(crate) fn make_temp_dir(prefix: &str) -> anyhow::Result<PathBuf> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let path = std::env::temp_dir().join(format!("keel-envoy-{}-{n}-{nanos}", std::process::id()));
-    fs::create_dir_all(&path)
-        .with_context(|| format!("creating the run directory {}", path.display()))?;
+    let path = std::env::temp_dir().join(format!("{prefix}-{}-{n}-{nanos}", std::process::id()));
+    fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
     Ok(path)
 }
 
