@@ -33,6 +33,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -87,6 +88,11 @@ class Scenario:
     substitutions: tuple = ()
     # Further modules the config loads (a composition of several modules), taken from --dist too.
     extra_modules: tuple = ()
+    # Needs the fleet store: redis-server on 16379 behind webdis on 17379, started by the bench.
+    fleet_store: bool = False
+    # The floor scenario making the same host calls without logic: --instructions reports
+    # overhead(this) / overhead(floor).
+    floor: Optional[str] = None
 
 
 # The five Keel filters on one route, as each composition's config names them.
@@ -94,6 +100,19 @@ FIVE = ("keel.rate_limit", "keel.circuit_breaker", "keel.retry", "keel.picker", 
 # What shows each of the five did its work on every request (the picker and discovery have no
 # per-request counter: the picker's picks are counted per second, discovery acts on ticks).
 FIVE_COUNTERS = ("rate_limit.bench.allowed", "circuit_breaker.orders.calls", "retry.default.requests")
+
+def read_floors() -> list:
+    """(name, ops, what) of each floor scenario, from bench/floors.txt (shared with the harness's
+    host-call budget test, which checks each floor makes its filter's host calls)."""
+    floors = []
+    for line in (ROOT / "bench" / "floors.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            fields = [f.strip() for f in line.split("|")]
+            if len(fields) != 3:
+                raise SystemExit(f"bench/floors.txt: expected `name | ops | what`, got {line!r}")
+            floors.append(tuple(fields))
+    return floors
+
 
 # The table of scenarios. A filter adds a line here and a config in bench/envoy/, e.g.
 #   Scenario("keel-circuit-breaker", "keel-circuit-breaker.yaml", "...",
@@ -131,6 +150,18 @@ SCENARIOS = [
         per_request_counters=("rate_limit.bench.allowed",),
         target=1.15,
         wasm_opt=True,
+        floor="floor-limiter",
+    ),
+    Scenario(
+        "keel-rate-limit-fleet",
+        "keel-rate-limit-fleet.yaml",
+        "Keel's rate limiter with a fleet-wide limit (Redis through Webdis), served from the lease, never limiting",
+        module="dist/keel_rate_limit.wasm",
+        filters=("keel.rate_limit",),
+        per_request_counters=("rate_limit.bench.allowed",),
+        compare_with="keel-rate-limit",
+        target=1.10,
+        fleet_store=True,
     ),
     Scenario(
         "keel-rate-limit-no-headers",
@@ -139,6 +170,7 @@ SCENARIOS = [
         module="dist/keel_rate_limit.wasm",
         filters=("keel.rate_limit",),
         per_request_counters=("rate_limit.bench.allowed",),
+        floor="floor-limiter-no-headers",
     ),
     Scenario(
         "keel-circuit-breaker",
@@ -148,6 +180,7 @@ SCENARIOS = [
         filters=("keel.circuit_breaker",),
         per_request_counters=("circuit_breaker.orders.calls",),
         target=1.15,
+        floor="floor-breaker",
     ),
     Scenario(
         "keel-retry",
@@ -156,6 +189,7 @@ SCENARIOS = [
         module="dist/keel_retry.wasm",
         filters=("keel.retry",),
         per_request_counters=("retry.default.requests",),
+        floor="floor-retry",
     ),
     Scenario(
         "keel-picker",
@@ -164,6 +198,15 @@ SCENARIOS = [
         module="dist/keel_picker.wasm",
         filters=("keel.picker",),
         target=1.15,
+        floor="floor-picker",
+    ),
+    Scenario(
+        "keel-discovery",
+        "keel-discovery.yaml",
+        "Keel's discovery (keel_discovery.wasm), a static set of three refreshed every second",
+        module="dist/keel_discovery.wasm",
+        filters=("keel.discovery",),
+        floor="floor-discovery",
     ),
     # The floor instrument: the ABI probe making only the host calls a filter needs, no logic.
     # What each Keel filter must at least cost in Envoy, whatever its code.
@@ -176,12 +219,7 @@ SCENARIOS = [
             filters=("keel.floor",),
             substitutions=(("@FLOOR_OPS@", ops),),
         )
-        for name, ops, why in (
-            ("header", "header", "reading the key header"),
-            ("limiter", "time,header,shared", "the limiter: time, key header, slot get + CAS"),
-            ("breaker", "shared", "the breaker: state get + CAS"),
-            ("picker", "header,set-header", "the picker: key header, routing header"),
-        )
+        for name, ops, why in read_floors()
     ),
     # All five filters active on one route, three ways; the issue's target for the composition
     # is 2x one empty filter's overhead.
@@ -217,6 +255,7 @@ SCENARIOS = [
         filters=("keel.pipeline",),
         per_request_counters=FIVE_COUNTERS,
         target=2.0,
+        floor="floor-pipeline",
     ),
 ]
 
@@ -289,8 +328,13 @@ def clock_ticks(path: str) -> int:
 class Envoy:
     """One Envoy process running a scenario's config on free loopback ports."""
 
-    def __init__(self, binary: str, scenario: Scenario, config_text: str, workdir: Path, cpu: Optional[int]):
+    def __init__(self, binary: str, scenario: Scenario, config_text: str, workdir: Path, cpu: Optional[int],
+                 wrapper: tuple = (), ready_timeout: float = 60):
+        """`wrapper` is a command Envoy runs under (valgrind for --instructions), which also
+        makes start-up slower: hence `ready_timeout`."""
         self.scenario = scenario
+        # Admin and probe requests: a few seconds natively, more under valgrind.
+        self.timeout = max(5.0, ready_timeout / 5)
         self.dir = workdir / scenario.name
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "envoy.yaml"
@@ -298,7 +342,7 @@ class Envoy:
         self.log = self.dir / "envoy.log"
         admin_path = self.dir / "admin-address"
         self.cmd = [
-            binary, "-c", str(config), "--concurrency", "1", "--disable-hot-restart",
+            *wrapper, binary, "-c", str(config), "--concurrency", "1", "--disable-hot-restart",
             "--admin-address-path", str(admin_path), "-l", "warning",
             "--log-path", str(self.log), "--file-flush-interval-msec", "100",
         ]
@@ -308,7 +352,7 @@ class Envoy:
             stderr=subprocess.STDOUT, preexec_fn=_child_setup(cpu),
         )
         try:
-            self.admin = self._wait_admin(admin_path)
+            self.admin = self._wait_admin(admin_path, ready_timeout)
             self.listener = self._listener()
             self.worker_stat = self._worker_stat()
         except BaseException:
@@ -321,11 +365,13 @@ class Envoy:
             tail = "\n    ".join(self.log.read_text(errors="replace").splitlines()[-8:])
         raise BenchError(f"{self.scenario.name}: {what}\n    {tail}")
 
-    def _wait_admin(self, admin_path: Path) -> str:
-        deadline = time.monotonic() + 60
+    def _wait_admin(self, admin_path: Path, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._fail(f"Envoy exited with status {self.proc.returncode} at start-up")
+            if STOPPING.is_set():
+                self._fail("the run is stopping")
             if admin_path.exists() and admin_path.read_text().strip():
                 address = admin_path.read_text().strip()
                 try:
@@ -334,7 +380,7 @@ class Envoy:
                 except (OSError, urllib.error.URLError):
                     pass
             time.sleep(0.1)
-        self._fail("Envoy not ready within 60 s")
+        self._fail(f"Envoy not ready within {timeout:.0f} s")
         return ""
 
     @staticmethod
@@ -344,7 +390,7 @@ class Envoy:
             return response.read().decode()
 
     def _listener(self) -> str:
-        listeners = json.loads(self._get(f"http://{self.admin}/listeners?format=json"))
+        listeners = json.loads(self._get(f"http://{self.admin}/listeners?format=json", timeout=self.timeout))
         for status in listeners.get("listener_statuses", []):
             address = status.get("local_address", {}).get("socket_address", {})
             if address.get("port_value"):
@@ -366,7 +412,7 @@ class Envoy:
 
     def counters(self) -> dict:
         values = {}
-        for line in self._get(f"http://{self.admin}/stats").splitlines():
+        for line in self._get(f"http://{self.admin}/stats", timeout=self.timeout).splitlines():
             name, sep, value = line.rpartition(": ")
             if sep and value.isdigit():
                 values[name] = int(value)
@@ -381,17 +427,21 @@ class Envoy:
         """Sends one request with trace logging on and checks that it was answered by the direct
         response after passing each expected filter (and, for wasm filters, the module's
         on_request_headers). Returns the evidence lines."""
-        self._get(f"http://{self.admin}/logging?level=trace", method="POST")
+        if self.scenario.fleet_store:
+            # A key's first request in a process waits for its lease (one round trip to the
+            # store); the measured requests, like the probe, are served from the lease.
+            self._get(self.url(), headers={BENCH_HEADER[0]: BENCH_HEADER[1]}, timeout=self.timeout)
+        self._get(f"http://{self.admin}/logging?level=trace", timeout=self.timeout, method="POST")
         try:
-            body = self._get(self.url(), headers={BENCH_HEADER[0]: BENCH_HEADER[1]})
+            body = self._get(self.url(), timeout=self.timeout, headers={BENCH_HEADER[0]: BENCH_HEADER[1]})
         finally:
-            self._get(f"http://{self.admin}/logging?level=warning", method="POST")
+            self._get(f"http://{self.admin}/logging?level=warning", timeout=self.timeout, method="POST")
         if body != "ok":
             self._fail(f"probe request answered {body!r}, expected 'ok' (direct_response)")
         wanted = [f"decode headers called: filter={name} " for name in (*self.scenario.filters, ROUTER)]
         if self.scenario.module:
             wanted.append("proxy_on_request_headers return: 0")
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + self.timeout
         while True:
             log = self.log.read_text(errors="replace")
             missing = [w for w in wanted if w not in log]
@@ -537,6 +587,382 @@ def measure(envoy: Envoy, load: Load, seconds: int, envoy_core: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Instructions per request (--instructions): Envoy's worker thread under callgrind.
+#
+# CPU time on a shared 2-core machine moves by tens of percent from run to run; the number of
+# instructions Envoy's worker thread executes per request does not. Each scenario's Envoy runs
+# under `valgrind --tool=callgrind --separate-threads=yes` (one profile per thread), gets a
+# warm-up on one keep-alive connection (V8 compiles the module in tiers, in the background),
+# then per measured window: `callgrind_control -z` zeroes every thread's counters, N requests
+# are sent one after the other on the same connection, `callgrind_control -d` dumps one file
+# per thread, and the worker thread's `totals:` ÷ N is the figure. The worker is the thread
+# that executed the most instructions in the window (the main thread only runs admin and stats
+# timers, V8's helper threads are idle once tiered up); every thread's total is kept in the JSON.
+# A second window after a longer warm-up shows that the figure no longer moves with it.
+
+
+# Set when the run stops (Ctrl-C, SIGTERM, the bare scenario failed): the threads that drive
+# Envoys under callgrind give up at their next request.
+STOPPING = __import__("threading").Event()
+
+
+def callgrind_tools() -> tuple:
+    """(valgrind, callgrind_control, the version line), or BenchError naming what is missing."""
+    valgrind = shutil.which("valgrind")
+    control = shutil.which("callgrind_control")
+    if not valgrind or not control:
+        raise BenchError("--instructions needs valgrind and callgrind_control: `make setup` (or apt-get install valgrind)")
+    version = subprocess.run([valgrind, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30).stdout.strip()
+    return valgrind, control, version
+
+
+class SequentialClient:
+    """HTTP/1.1 requests one after the other on one keep-alive connection, each bounded by a
+    timeout and the whole by a deadline: exactly the requests asked for, so a callgrind window
+    holds exactly N request/response cycles (no connection set-up inside it)."""
+
+    def __init__(self, listener: str, timeout: float):
+        import http.client
+
+        host, port = listener.rsplit(":", 1)
+        self.http = http.client
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        self.sent = 0
+
+    def send(self, n: int, deadline: float, label: str, progress_every: int = 1000) -> int:
+        """Sends n requests; returns how many were not answered 200 'ok'. BenchError when the
+        connection fails or the deadline passes."""
+        bad = 0
+        t0 = time.monotonic()
+        for i in range(1, n + 1):
+            if time.monotonic() > deadline:
+                raise BenchError(f"{label}: deadline passed after {i - 1} of {n} requests")
+            if STOPPING.is_set():
+                raise BenchError(f"{label}: the run is stopping")
+            try:
+                self.conn.request("GET", "/", headers={BENCH_HEADER[0]: BENCH_HEADER[1]})
+                response = self.conn.getresponse()
+                body = response.read()
+            except (OSError, self.http.HTTPException) as e:
+                raise BenchError(f"{label}: request {i} of {n} failed: {e!r}")
+            self.sent += 1
+            if response.status != 200 or body != b"ok":
+                bad += 1
+            if progress_every and i % progress_every == 0 and i < n:
+                rate = i / max(time.monotonic() - t0, 1e-9)
+                print(f"  {label}: {i}/{n} requests ({rate:.0f} req/s)", flush=True)
+        return bad
+
+    def close(self):
+        self.conn.close()
+
+
+def callgrind_control(control: str, pid: int, flag: str):
+    proc = subprocess.run([control, flag, str(pid)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    if proc.returncode != 0 or "OK" not in proc.stdout:
+        raise BenchError(f"callgrind_control {flag} {pid} failed: {proc.stdout.strip()[-300:]}")
+
+
+def read_dump(out_base: Path, part: int, timeout: float = 120) -> dict:
+    """Thread number -> totals of dump `part` (files `<out_base>.<part>-<thread>`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        totals = {}
+        files = sorted(out_base.parent.glob(f"{out_base.name}.{part}-*"))
+        for f in files:
+            thread, total = None, None
+            text = f.read_text(errors="replace")
+            for line in text.splitlines():
+                if line.startswith("thread: "):
+                    thread = int(line.split()[1])
+                elif line.startswith("totals: "):
+                    total = int(line.split()[1])
+            if thread is not None and total is not None:
+                totals[thread] = total
+        if files and len(totals) == len(files):
+            return totals
+        if time.monotonic() > deadline:
+            raise BenchError(f"no complete callgrind dump {out_base}.{part}-* within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def count_instructions(p: "Planned", envoy_binary: str, tools: tuple, workdir: Path, args, live: dict) -> dict:
+    """Runs one scenario under callgrind; returns its windows (one per warm-up length)."""
+    valgrind, control, _ = tools
+    name = p.scenario.name
+    t0 = time.monotonic()
+    deadline = t0 + args.ins_timeout
+    out_base = workdir / "callgrind" / name / "callgrind.out"
+    out_base.parent.mkdir(parents=True, exist_ok=True)
+    # Instrumentation off until the first window (--instr-atstart=no): start-up and warm-up run
+    # several times faster, and what they execute is not counted anyway.
+    wrapper = (valgrind, "--tool=callgrind", "--separate-threads=yes", "--instr-atstart=no", f"--callgrind-out-file={out_base}")
+    if STOPPING.is_set():
+        raise BenchError("the run is stopping")
+    print(f"[{name}] start under callgrind: {p.scenario.config}" + (f" with {p.module.name}" if p.module else ""), flush=True)
+    envoy = Envoy(envoy_binary, p.scenario, p.config_text, workdir / "callgrind", None, wrapper=wrapper, ready_timeout=600)
+    live[name] = envoy
+    client = None
+    try:
+        evidence = envoy.verify()
+        print(f"[{name}] ready and verified in {time.monotonic() - t0:.0f} s", flush=True)
+        client = SequentialClient(envoy.listener, timeout=60)
+        windows = []
+        idle = None
+        part = 0
+        for warmup in args.ins_warmups:
+            more = warmup - client.sent
+            if more > 0:
+                tw = time.monotonic()
+                bad = client.send(more, deadline, f"{name} warm-up to {warmup}")
+                print(f"[{name}] warm-up: {more} requests in {time.monotonic() - tw:.0f} s" + (f", {bad} not 200 ok" if bad else ""), flush=True)
+            if idle is None and args.idle_seconds:
+                # The worker also runs timers (Envoy's, and the filters' on_tick): instructions
+                # per second of wall time, not per request. Measured once, without traffic, so
+                # that each window's figure can be given without them (see bench/README.md).
+                callgrind_control(control, envoy.proc.pid, "--instr=on")
+                callgrind_control(control, envoy.proc.pid, "-z")
+                ti = time.monotonic()
+                time.sleep(args.idle_seconds)
+                callgrind_control(control, envoy.proc.pid, "-d")
+                callgrind_control(control, envoy.proc.pid, "--instr=off")
+                idle_wall = time.monotonic() - ti
+                part += 1
+                idle = {"wall_s": round(idle_wall, 2), "threads": read_dump(out_base, part)}
+            before = envoy.counters()
+            callgrind_control(control, envoy.proc.pid, "--instr=on")
+            callgrind_control(control, envoy.proc.pid, "-z")
+            tw = time.monotonic()
+            bad = client.send(args.ins_requests, deadline, f"{name} window after {warmup}")
+            wall = time.monotonic() - tw
+            callgrind_control(control, envoy.proc.pid, "-d")
+            callgrind_control(control, envoy.proc.pid, "--instr=off")
+            after = envoy.counters()
+            part += 1
+            threads = read_dump(out_base, part)
+            worker = max(threads, key=lambda t: threads[t])
+            idle_rate = idle["threads"].get(worker, 0) / idle["wall_s"] if idle else 0.0
+            problems = []
+            if bad:
+                problems.append(f"{bad} of {args.ins_requests} responses not 200 ok")
+            completed = after.get("http.ingress.downstream_rq_completed", 0) - before.get("http.ingress.downstream_rq_completed", 0)
+            if completed != args.ins_requests:
+                problems.append(f"Envoy completed {completed} requests in the window, {args.ins_requests} sent")
+            counters = {}
+            for suffix in p.scenario.per_request_counters:
+                names = [n for n in after if n.endswith(suffix)]
+                grown = sum(after[n] - before.get(n, 0) for n in names)
+                counters[suffix] = grown
+                if not names:
+                    problems.append(f"counter *{suffix} not found in /stats")
+                elif grown < args.ins_requests:
+                    problems.append(f"counter *{suffix} grew by {grown}, fewer than the {args.ins_requests} requests")
+            row = {
+                "warmup_requests": warmup,
+                "requests": args.ins_requests,
+                "wall_s": round(wall, 1),
+                "worker_thread": worker,
+                "worker_instructions": threads[worker],
+                "raw_instructions_per_request": threads[worker] / args.ins_requests,
+                "idle_instructions_per_s": round(idle_rate),
+                # Without the timers' share over the window's wall time.
+                "instructions_per_request": (threads[worker] - idle_rate * wall) / args.ins_requests,
+                "threads": {str(t): v for t, v in sorted(threads.items())},
+                "counters": counters,
+                "problems": problems,
+            }
+            windows.append(row)
+            if args.dumps and len(windows) == 1:
+                # The worker thread's profile of the first window, for callgrind_annotate.
+                args.dumps.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f"{out_base}.{part}-{worker:02d}", args.dumps / f"{name}.callgrind.out")
+            print(
+                f"[{name}] after {warmup} warm-up requests: {row['instructions_per_request'] / 1000:.2f} k instructions/request"
+                f" (raw {row['raw_instructions_per_request'] / 1000:.2f} k; thread {worker}, {args.ins_requests} requests in {wall:.0f} s,"
+                f" idle {idle_rate / 1000:.1f} k/s)" + ("  ⚠ " + "; ".join(problems) if problems else ""),
+                flush=True,
+            )
+        return {"windows": windows, "idle": idle, "verified": evidence, "elapsed_s": round(time.monotonic() - t0, 1)}
+    finally:
+        if client is not None:
+            client.close()
+        # The figures are in the dumps already: no need to wait for valgrind's exit dump.
+        envoy.proc.kill()
+        try:
+            envoy.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        live.pop(name, None)
+
+
+def run_instructions(planned: list, envoy_binary: str, workdir: Path, args) -> tuple:
+    """Every planned scenario under callgrind, `args.jobs` at a time. Returns (results by
+    scenario, notes)."""
+    import concurrent.futures
+
+    tools = callgrind_tools()
+    per_scenario = 30 + args.idle_seconds + max(args.ins_warmups) * 0.004 + len(args.ins_warmups) * args.ins_requests * 0.004
+    budget = len(planned) * per_scenario / args.jobs
+    print(
+        f"instructions: {len(planned)} scenarios under callgrind, {args.jobs} at a time; windows of {args.ins_requests} requests"
+        f" after {' and '.join(str(w) for w in args.ins_warmups)} warm-up requests; budget about {budget / 60:.0f} min"
+        f" (~{per_scenario:.0f} s a scenario: ~30 s start, ~4 ms a request), each scenario bounded by {args.ins_timeout} s",
+        flush=True,
+    )
+    results, notes, live = {}, [], {}
+    t0 = time.monotonic()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+    try:
+        futures = {pool.submit(count_instructions, p, envoy_binary, tools, workdir, args, live): p.scenario.name for p in planned}
+        pending, done = set(futures), 0
+        while pending:
+            # A bounded wait, so that Ctrl-C and SIGTERM are handled within seconds.
+            finished, pending = concurrent.futures.wait(pending, timeout=2, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                done += 1
+                name = futures[future]
+                try:
+                    results[name] = future.result()
+                except BenchError as e:
+                    if name == "bare":
+                        raise
+                    print(f"[{name}] skipped: {e}", flush=True)
+                    notes.append(f"instructions: skipped `{name}`: {str(e).splitlines()[0]}")
+                elapsed = time.monotonic() - t0
+                left = (len(planned) - done) * elapsed / done
+                print(f"instructions: {done}/{len(planned)} scenarios in {elapsed / 60:.1f} min, about {left / 60:.1f} min left", flush=True)
+    finally:
+        STOPPING.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        # Until every worker thread has returned, kill whatever Envoy one of them started.
+        while any(t.is_alive() for t in list(pool._threads)):
+            for envoy in list(live.values()):
+                envoy.proc.kill()
+            time.sleep(0.2)
+        STOPPING.clear()
+    return results, notes, tools[2], time.monotonic() - t0
+
+
+def summarize_instructions(planned: list, results: dict) -> dict:
+    """Per scenario: instructions per request (first window), over bare, ratios."""
+    def figure(name):
+        r = results.get(name)
+        return r["windows"][0]["instructions_per_request"] if r else None
+
+    bare = figure("bare")
+    summary = {}
+    for p in planned:
+        s = p.scenario
+        if s.name not in results:
+            continue
+        windows = results[s.name]["windows"]
+        value = figure(s.name)
+        over = value - bare if bare is not None else None
+        base_name = s.compare_with
+        if p.variant_of:
+            base_name = next((q.scenario.compare_with for q in planned if q.scenario.name == p.variant_of), None)
+        base = figure(base_name) if base_name else None
+        floor = figure(s.floor) if s.floor else None
+        flat = None
+        if len(windows) > 1:
+            flat = (windows[-1]["instructions_per_request"] - value) / value * 100
+        summary[s.name] = {
+            "description": s.description,
+            "instructions_per_request": value,
+            "over_bare": over,
+            "compare_with": base_name,
+            "ratio": over / (base - bare) if over is not None and base is not None and base > bare else None,
+            "floor": s.floor,
+            "floor_over_bare": floor - bare if floor is not None and bare is not None else None,
+            "ratio_to_floor": over / (floor - bare) if over is not None and floor is not None and floor > bare else None,
+            "windows": [(w["warmup_requests"], w["instructions_per_request"]) for w in windows],
+            "flat_pct": flat,
+            "raw_instructions_per_request": windows[0]["raw_instructions_per_request"],
+            "idle_instructions_per_s": windows[0]["idle_instructions_per_s"],
+            "problems": sorted({m for w in windows for m in w["problems"]}),
+        }
+    return summary
+
+
+def write_instructions(args, meta: dict, planned: list, results: dict, notes: list, seconds: float) -> dict:
+    """bench-results/instructions.{md,json}; returns the summary."""
+    meta = dict(meta, ins_requests=args.ins_requests, ins_warmups=args.ins_warmups, jobs=args.jobs, ins_elapsed_min=seconds / 60)
+    summary = summarize_instructions(planned, results)
+    previous = None
+    if args.compare_with:
+        meta["compare_with"] = display(args.compare_with.resolve())
+        previous = json.loads(args.compare_with.read_text()).get("summary", {})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "instructions.json").write_text(json.dumps({"meta": meta, "notes": notes, "summary": summary, "scenarios": results}, indent=2, ensure_ascii=False) + "\n")
+    report = instructions_markdown(meta, summary, notes, previous)
+    (args.out / "instructions.md").write_text(report)
+    print()
+    print(report)
+    print(f"wrote {args.out / 'instructions.md'} and {args.out / 'instructions.json'}", flush=True)
+    return summary
+
+
+def instructions_markdown(meta: dict, summary: dict, notes: list, previous: Optional[dict]) -> str:
+    warmups = meta["ins_warmups"]
+    lines = [
+        "# Envoy instructions per request (callgrind)",
+        "",
+        "Instructions executed by Envoy's worker thread per request, counted by callgrind: Envoy",
+        "`--concurrency 1`, every route answered by `direct_response`, HTTP/1.1 keep-alive, one request",
+        f"at a time; counters zeroed (`callgrind_control -z`) after {warmups[0]:,} warm-up requests, {meta['ins_requests']:,}",
+        "requests sent, counters dumped (`callgrind_control -d`); figure = (the worker thread's `totals:` − its",
+        "timers' instructions/s, measured in an idle window, × the window's seconds) ÷ requests; `raw` keeps the timers.",
+        "Deterministic to a small fraction of a percent, whatever the machine's load; see bench/README.md.",
+        "",
+        f"- Command: `{meta['command']}`",
+        f"- Date: {meta['date']}; {meta['valgrind']} (`valgrind --tool=callgrind --separate-threads=yes --instr-atstart=no`, instrumented only in the windows); Envoy {meta['machine']['envoy_version']}; tree {meta['machine']['git']}",
+        f"- {meta['machine']['nproc']} CPUs ({meta['machine']['cpu_model']}), Linux {meta['machine']['kernel']}; {meta['jobs']} scenario(s) at a time; {meta['ins_elapsed_min']:.1f} min",
+        "",
+        "`over bare` = instructions(X) − instructions(bare). `ratio` = over bare(X) ÷ over bare(baseline).",
+        "`floor` = the ABI probe making only the host calls the filter makes, no logic;",
+        "`÷ floor` = over bare(X) ÷ over bare(its floor).",
+        "",
+    ]
+    flat_header = f" | after {warmups[-1]:,} warm-up | change" if len(warmups) > 1 else ""
+    prev_header = " | previous run | difference" if previous else ""
+    lines.append("| scenario | instructions/request | over bare | ratio | floor | floor over bare | ÷ floor" + flat_header + prev_header + " | raw (with timers) | timers, instructions/s | checks |")
+    lines.append("|---|---:|---:|---:|---|---:|---:|" + ("---:|---:|" if len(warmups) > 1 else "") + ("---:|---:|" if previous else "") + "---:|---:|---|")
+
+    def k(v):
+        return "n/a" if v is None else f"{v / 1000:.1f} k"
+
+    for name, s in summary.items():
+        ratio = f"{s['ratio']:.2f}× {s['compare_with']}" if s["ratio"] is not None else "—"
+        over = "—" if name == "bare" else (("+" if s["over_bare"] >= 0 else "") + k(s["over_bare"]) if s["over_bare"] is not None else "n/a")
+        row = f"| `{name}` | {s['instructions_per_request']:,.0f} | {over} | {ratio} | {('`' + s['floor'] + '`') if s['floor'] else '—'} | {k(s['floor_over_bare']) if s['floor'] else '—'} | {fmt(s['ratio_to_floor'], 2, '×') if s['floor'] else '—'}"
+        if len(warmups) > 1:
+            row += f" | {s['windows'][-1][1]:,.0f} | {s['flat_pct']:+.2f} %"
+        if previous:
+            old = previous.get(name, {}).get("instructions_per_request")
+            row += f" | {old:,.0f} | {(s['instructions_per_request'] - old) / old * 100:+.3f} %" if old else " | — | —"
+        row += f" | {s['raw_instructions_per_request']:,.0f} | {s['idle_instructions_per_s']:,}"
+        row += " | " + ("⚠ " + "; ".join(s["problems"]) if s["problems"] else "ok") + " |"
+        lines.append(row)
+    if previous:
+        diffs = [abs(s["instructions_per_request"] - previous[n]["instructions_per_request"]) / previous[n]["instructions_per_request"] * 100
+                 for n, s in summary.items() if previous.get(n, {}).get("instructions_per_request")]
+        if diffs:
+            lines += ["", f"Against the previous run (`{meta['compare_with']}`): largest difference {max(diffs):.3f} % over {len(diffs)} scenarios."]
+    if len(warmups) > 1:
+        changes = [abs(s["flat_pct"]) for s in summary.values() if s["flat_pct"] is not None]
+        if changes:
+            lines += ["", f"Warm-up: between {warmups[0]:,} and {warmups[-1]:,} warm-up requests the figure moved by at most {max(changes):.2f} % (largest over all scenarios)."]
+    lines += ["", "## Checks", ""]
+    lines.append(f"- Every window: {meta['ins_requests']:,} requests answered 200 `ok` and Envoy's `downstream_rq_completed` grew by exactly that many, unless marked ⚠ above;"
+                 " the per-request counters of the scenario (as in the CPU bench) grew by at least one per request.")
+    lines.append("- Each Envoy passed the traced probe request of the CPU bench (every filter of the scenario ran before the router).")
+    for note in notes:
+        lines.append(f"- {note}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Scenarios as run: the table, minus what is missing, plus the wasm-opt variants.
 
 
@@ -555,6 +981,38 @@ class Planned:
             data = self.module.read_bytes()
             self.module_bytes = len(data)
             self.module_sha256 = hashlib.sha256(data).hexdigest()[:16]
+
+
+FLEET_REDIS, FLEET_WEBDIS = 16379, 17379
+
+
+def start_fleet_store(workdir: Path) -> list:
+    """redis-server and webdis for the fleet-wide scenarios, on the load generator's side."""
+    redis, webdis = shutil.which("redis-server"), shutil.which("webdis")
+    if not (redis and webdis):
+        raise BenchError("redis-server or webdis not installed (`make setup` installs them)")
+    (workdir / "webdis.json").write_text(json.dumps({
+        "redis_host": "127.0.0.1", "redis_port": FLEET_REDIS, "http_host": "127.0.0.1",
+        "http_port": FLEET_WEBDIS, "daemonize": False, "threads": 1,
+        "acl": [{"disabled": ["DEBUG", "FLUSHALL", "FLUSHDB", "CONFIG", "SHUTDOWN"]}],
+    }))
+    children = []
+    for args, port in (
+        ([redis, "--port", str(FLEET_REDIS), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], FLEET_REDIS),
+        ([webdis, str(workdir / "webdis.json")], FLEET_WEBDIS),
+    ):
+        children.append(subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                for child in children:
+                    _stop(child)
+                raise BenchError(f"{args[0]} did not listen on {port}")
+            time.sleep(0.05)
+    return children
 
 
 def local_ports(text: str, config: str) -> str:
@@ -738,12 +1196,21 @@ def summarize(planned: list, rounds: list) -> dict:
     return summary
 
 
+def instruction_cells(s: Optional[dict]) -> str:
+    """The instruction columns of the CPU table for one scenario (see --instructions)."""
+    if not s:
+        return " n/a | n/a | n/a |"
+    over = "—" if s["over_bare"] is None or s["compare_with"] is None and s["over_bare"] == 0 else f"{s['over_bare'] / 1000:+.1f} k"
+    ratio = f"{s['ratio']:.2f}× {s['compare_with']}" if s["ratio"] is not None else "—"
+    return f" {s['instructions_per_request'] / 1000:.1f} k | {over} | {ratio} |"
+
+
 # Above this share of Envoy's core taken by other processes, the report warns that the figures
 # are unreliable (seen here: with compilers running, per-round figures move by 20-80 %).
 BUSY_WARN_PCT = 10.0
 
 
-def markdown(meta: dict, summary: dict, notes: list) -> str:
+def markdown(meta: dict, summary: dict, notes: list, instructions: Optional[dict] = None) -> str:
     m = meta["machine"]
     lines = [
         "# Envoy overhead benchmark",
@@ -773,8 +1240,9 @@ def markdown(meta: dict, summary: dict, notes: list) -> str:
         f"- {meta['rounds']} interleaved rounds × {meta['seconds']} s per scenario after {meta['warmup']} s warm-up; clock ticks {m['clock_ticks_per_s']}/s"
         + ("; Envoy and the load generator ran as SCHED_FIFO tasks (`--realtime`)" if meta["realtime"] else ""),
         "",
-        "| scenario | CPU µs/req (median) | min–max over rounds (spread) | overhead over bare, µs | ratio | ratio within rounds: median (min–max) | target | result |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| scenario | CPU µs/req (median) | min–max over rounds (spread) | overhead over bare, µs | ratio | ratio within rounds: median (min–max) | target | result |"
+        + (" instructions/request (callgrind) | instructions over bare | instructions ratio |" if instructions else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|---:|" if instructions else ""),
     ]
     for name, s in summary.items():
         ratio = "—"
@@ -796,6 +1264,7 @@ def markdown(meta: dict, summary: dict, notes: list) -> str:
             f"| `{name}` | {fmt(s['cpu_us_per_req_median'])} | {fmt(s['cpu_us_per_req_min'])}–{fmt(s['cpu_us_per_req_max'])} ({fmt(s['spread_pct'], 0, ' %')})"
             f" | {fmt(s['overhead_us'], 1) if name != 'bare' else '—'} | {ratio} | {in_rounds}"
             f" | {'≤ %.2f×' % s['target'] if s['target'] is not None else '—'} | {result} |"
+            + (instruction_cells(instructions.get(name)) if instructions else "")
         )
     lines += [
         "",
@@ -862,6 +1331,16 @@ def parse_args(argv):
     p.add_argument("--envoy-cpu", type=int, default=0, help="core Envoy is pinned to (default 0)")
     p.add_argument("--load-cpu", type=int, default=1, help="core the load generator is pinned to (default 1)")
     p.add_argument("--realtime", action="store_true", help="run Envoy and the load generator as SCHED_FIFO tasks (root): other work on the machine barely runs during the windows")
+    p.add_argument("--instructions", action="store_true", help="after the CPU rounds, count instructions per request under callgrind (bench-results/instructions.md)")
+    p.add_argument("--instructions-only", action="store_true", help="only the callgrind pass, no CPU rounds")
+    p.add_argument("--requests", dest="ins_requests", type=int, default=2000, help="--instructions: requests per measured window (default 2000)")
+    p.add_argument("--warmups", dest="ins_warmups", default="4000,8000", help="--instructions: warm-up lengths in requests, one window after each (default 4000,8000)")
+    p.add_argument("--idle-seconds", type=int, default=5, help="--instructions: seconds of an idle window that measures the worker's timers (default 5; 0: none)")
+    p.add_argument("--jobs", type=int, default=2, help="--instructions: scenarios under callgrind at a time (default 2)")
+    p.add_argument("--scenario-timeout", dest="ins_timeout", type=int, default=900, help="--instructions: seconds one scenario may take (default 900)")
+    p.add_argument("--rewrite-report", action="store_true", help="--instructions: only rewrite <out>/instructions.md from <out>/instructions.json (e.g. with --compare-with a run that ended later)")
+    p.add_argument("--dumps", type=Path, help="--instructions: copy each scenario's worker-thread profile (first window) into this folder, for callgrind_annotate")
+    p.add_argument("--compare-with", type=Path, help="--instructions: a previous instructions.json; the report shows the difference per scenario")
     p.add_argument("--dist", type=Path, default=ROOT / "dist", help="folder of the .wasm modules (default dist/)")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results", help="results folder (default bench-results/)")
     args = p.parse_args(argv)
@@ -870,6 +1349,13 @@ def parse_args(argv):
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if args.rounds < 1 or args.seconds < 1 or args.warmup < 0:
         p.error("--rounds and --seconds must be at least 1, --warmup at least 0")
+    try:
+        args.ins_warmups = sorted({int(w) for w in args.ins_warmups.split(",") if w.strip()})
+    except ValueError:
+        p.error(f"--warmups: expected comma-separated numbers of requests, got {args.ins_warmups!r}")
+    if not args.ins_warmups or args.ins_warmups[0] < 0 or args.ins_requests < 1 or args.jobs < 1:
+        p.error("--warmups needs at least one length (>= 0), --requests and --jobs at least 1")
+    args.instructions = args.instructions or args.instructions_only
     return args
 
 
@@ -883,8 +1369,9 @@ def select(names: Optional[str]) -> list:
         if name not in by_name:
             raise BenchError(f"unknown scenario {name!r}; known: {', '.join(by_name)}")
         wanted.add(name)
-        if by_name[name].compare_with:
-            wanted.add(by_name[name].compare_with)
+        for base in (by_name[name].compare_with, by_name[name].floor):
+            if base and base in by_name:
+                wanted.add(base)
     return [s for s in SCENARIOS if s.name in wanted]
 
 
@@ -899,6 +1386,16 @@ def run(args) -> int:
     if args.list:
         for s in SCENARIOS:
             print(f"{s.name:28} {s.config:32} {s.description}")
+        return 0
+    if args.rewrite_report:
+        saved = json.loads((args.out / "instructions.json").read_text())
+        previous = None
+        if args.compare_with:
+            saved["meta"]["compare_with"] = display(args.compare_with.resolve())
+            previous = json.loads(args.compare_with.read_text()).get("summary", {})
+        report = instructions_markdown(saved["meta"], saved["summary"], saved["notes"], previous)
+        (args.out / "instructions.md").write_text(report)
+        print(report)
         return 0
     envoy_binary = find_envoy()
     load = Load(args.client, args.connections, args.load_cpu)
@@ -933,10 +1430,30 @@ def run(args) -> int:
         workdir = Path(tmp)
         planned = plan(select(args.scenarios), args.dist.resolve(), workdir, not args.no_wasm_opt, notes)
         names = [p.scenario.name for p in planned]
-        total = len(planned) * (args.warmup + args.rounds * (args.seconds + 0.5))
-        print(f"envoy bench: {len(planned)} scenarios ({', '.join(names)}), {args.rounds} rounds × {args.seconds} s, about {total / 60:.1f} min", flush=True)
+        rounds = []
+        ins_summary = None
+        planned_cpu = []
+        store = []
         try:
-            for p in planned:
+            if any(p.scenario.fleet_store for p in planned):
+                try:
+                    store = start_fleet_store(workdir)
+                    print(f"fleet store: redis-server on {FLEET_REDIS}, webdis on {FLEET_WEBDIS}", flush=True)
+                except BenchError as e:
+                    notes.append(f"skipped the fleet-wide scenarios: {e}")
+                    planned = [p for p in planned if not p.scenario.fleet_store]
+            if args.instructions:
+                # Under callgrind each Envoy runs on any core (the CPU rounds pin this script to one).
+                os.sched_setaffinity(0, cores)
+                ins_results, ins_notes, meta["valgrind"], ins_seconds = run_instructions(planned, envoy_binary, workdir, args)
+                # Written now: the CPU rounds that follow take minutes and may fail.
+                ins_summary = write_instructions(args, meta, planned, ins_results, notes + ins_notes, ins_seconds)
+                os.sched_setaffinity(0, {args.load_cpu})
+            planned_cpu = [] if args.instructions_only else planned
+            total = len(planned_cpu) * (args.warmup + args.rounds * (args.seconds + 0.5))
+            if planned_cpu:
+                print(f"envoy bench: {len(planned)} scenarios ({', '.join(names)}), {args.rounds} rounds × {args.seconds} s, about {total / 60:.1f} min", flush=True)
+            for p in planned_cpu:
                 name = p.scenario.name
                 print(f"start {name}: {p.scenario.config}" + (f" with {p.module.name}" if p.module else ""), flush=True)
                 try:
@@ -949,15 +1466,14 @@ def run(args) -> int:
                     notes.append(f"skipped `{name}`: {str(e).splitlines()[0]}")
                     if name in envoys:
                         envoys.pop(name).stop()
-            planned = [p for p in planned if p.scenario.name in envoys]
-            for p in planned:
+            planned_cpu = [p for p in planned_cpu if p.scenario.name in envoys]
+            for p in planned_cpu:
                 if args.warmup:
                     print(f"warm up {p.scenario.name} ({args.warmup} s)", flush=True)
                     load.run(envoys[p.scenario.name].url(), args.warmup)
-            rounds = []
-            for r in range(args.rounds):
-                shift = r % len(planned)
-                order = planned[shift:] + planned[:shift]
+            for r in range(args.rounds if planned_cpu else 0):
+                shift = r % len(planned_cpu)
+                order = planned_cpu[shift:] + planned_cpu[:shift]
                 results = {}
                 for i, p in enumerate(order, 1):
                     name = p.scenario.name
@@ -974,18 +1490,21 @@ def run(args) -> int:
         finally:
             for envoy in envoys.values():
                 envoy.stop()
+            for child in store:
+                _stop(child)
     meta["loadavg_end"] = loadavg()
     windows = [row for r in rounds for row in r.values()]
     for key in ("others_on_envoy_core_pct", "steal_on_envoy_core_pct"):
         meta[f"{key}_median"] = statistics.median(row[key] for row in windows) if windows else None
-    summary = summarize(planned, rounds)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "envoy.json").write_text(json.dumps({"meta": meta, "notes": notes, "summary": summary, "rounds": rounds}, indent=2, ensure_ascii=False) + "\n")
-    report = markdown(meta, summary, notes)
-    (args.out / "envoy.md").write_text(report)
-    print()
-    print(report)
-    print(f"wrote {args.out / 'envoy.md'} and {args.out / 'envoy.json'}")
+    if planned_cpu:
+        summary = summarize(planned_cpu, rounds)
+        (args.out / "envoy.json").write_text(json.dumps({"meta": meta, "notes": notes, "summary": summary, "rounds": rounds}, indent=2, ensure_ascii=False) + "\n")
+        report = markdown(meta, summary, notes, ins_summary)
+        (args.out / "envoy.md").write_text(report)
+        print()
+        print(report)
+        print(f"wrote {args.out / 'envoy.md'} and {args.out / 'envoy.json'}")
     return 0
 
 

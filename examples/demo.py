@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Keel demo: all five filters composed in one Envoy (envoy/composed.yaml), driven through four
+"""Keel demo: all five filters composed in one Envoy (envoy/composed.yaml), driven through six
 phases, with a Markdown + SVG report in demo-report/.
 
 Run it with `make demo` (which builds and installs what is missing first), or directly from the
@@ -17,6 +17,14 @@ Phases, each bounded in time, while a steady load runs on /api/, /users/ and /st
   c. a burst over the /api/ rate limit on one x-api-key: 429 with Retry-After; /static/ is
      unaffected
   d. users-4 registers, then users-1 shuts down (revoking its lease): only their keys move
+  e. (when Debian's redis-server and webdis are installed) two more Envoy processes with
+     envoy/rate-limit-fleet.yaml share one limit of 100/s through Redis + Webdis (on 16379 and
+     17379; listeners 10011 and 10012): the report shows each process's share and the total
+     against 100 + 100/s x elapsed
+  f. idempotency keys: an Envoy with envoy/idempotency.yaml (listener 10021) in front of a slow
+     orders upstream (18085); one keyed POST runs upstream once, repeats while it is in flight
+     get 409 with Retry-After, the repeat after it gets the stored answer byte for byte, the key
+     with another body 422
 
 Everything started is stopped at the end, on Ctrl-C and on failure.
 """
@@ -55,6 +63,10 @@ API_RATE, USERS_RATE, STATIC_RATE = 40, 50, 10
 API_KEYS = ["alice", "bob", "carol", "dave"]  # 10/s each, under the 20/s limit
 USER_KEYS = [f"user-{i}" for i in range(1000)]
 SWEEP_KEYS = [f"member-{i}" for i in range(600)]  # phase d's key map
+FLEET_REDIS, FLEET_WEBDIS = 16379, 17379  # phase e
+FLEET_ENVOYS = [(10011, 9911), (10012, 9912)]  # phase e: (listener, admin) per process
+ORDERS_PORT, ORDERS_ENVOY = 18085, (10021, 9921)  # phase f: the orders upstream, (listener, admin)
+ORDERS_DELAY_S = 1.5  # phase f: the upstream's service time, so that repeats meet the first in flight
 
 PHASES = [
     ("a", "steady state", 10.0),
@@ -245,6 +257,8 @@ class Sample:
     latency_ms: float
     upstream: str
     retry_after: str | None = None
+    key: str = ""  # x-user of a /users/ request
+    attempt_hosts: str = ""  # x-keel-attempt-hosts: the host of each attempt, in order
 
 
 def classify(answer: Answer | None) -> str:
@@ -288,6 +302,8 @@ class Recorder:
             latency_ms=elapsed,
             upstream=(answer.headers.get("x-upstream", "") if answer else ""),
             retry_after=(answer.headers.get("retry-after") if answer else None),
+            key=headers.get("x-user", ""),
+            attempt_hosts=(answer.headers.get("x-keel-attempt-hosts", "") if answer else ""),
         )
         with self.lock:
             self.samples.append(sample)
@@ -493,7 +509,25 @@ def phase_b(demo: Demo, seconds: float) -> None:
     to_failing_after = [
         s for s in users if s.upstream == FAILING and s.t > t_fail + 2 and s.status != 200
     ]
+    # Per request, where each attempt of a retried /users/ request went: the failing host,
+    # then the key's next host on the ring (keel.retry re-picks through the picker's list).
+    names = {f"127.0.0.1:{port}": name for name, port in USER_PORTS.items()}
+    failovers = [s for s in users if "," in s.attempt_hosts]
+    shown = []
+    for s in failovers[:12]:
+        hops = " -> ".join(names.get(h, h) for h in s.attempt_hosts.split(","))
+        shown.append(f"+{s.t - t_fail:4.1f}s x-user {s.key}: {hops}, answered by {s.upstream or '-'} ({s.status})")
+    if failovers:
+        say(f"/users/ retries while {FAILING} failed (first {len(shown)} of {len(failovers)}):")
+        for line in shown:
+            print("   " + line, flush=True)
+    skipped = sum(1 for s in users if s.attempt_hosts and "," not in s.attempt_hosts
+                  and s.upstream != FAILING and s.status == 200)
     demo.figures["b"] = {
+        "users_failover_lines": shown,
+        "users_failovers": len(failovers),
+        "users_failover_to_failing": sum(1 for s in failovers if s.upstream == FAILING),
+        "users_picked_around": skipped,
         "api_requests": len(api),
         "api_client_errors": sum(s.outcome not in ("ok", "retried") for s in api),
         "api_retried_ok": sum(s.outcome == "retried" for s in api),
@@ -640,6 +674,159 @@ def phase_d(demo: Demo) -> None:
         "moved_on_remove_not_owned": len(moved_rm_not_owned),
         "unanswered": sum(v == "?" for v in list(after_add.values()) + list(after_remove.values())),
     }
+
+
+def phase_e(demo: Demo, envoy: Path, seconds: float = 6.0) -> None:
+    """Two Envoy processes share one fleet-wide limit (Redis through Webdis)."""
+    redis, webdis = shutil.which("redis-server"), shutil.which("webdis")
+    if not (redis and webdis):
+        demo.figures["e"] = {"skipped": "redis-server or webdis not installed (`make setup` installs them)"}
+        demo.event("no redis-server/webdis installed: phase e skipped")
+        return
+    procs, work = demo.procs, demo.work
+    procs.start("redis", [redis, "--port", str(FLEET_REDIS), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    wait_until("redis listening", lambda: port_in_use(FLEET_REDIS), 10)
+    (work / "webdis.json").write_text(json.dumps({
+        "redis_host": "127.0.0.1", "redis_port": FLEET_REDIS, "http_host": "127.0.0.1",
+        "http_port": FLEET_WEBDIS, "daemonize": False, "threads": 2,
+        "acl": [{"disabled": ["DEBUG", "FLUSHALL", "FLUSHDB", "CONFIG", "SHUTDOWN"]}],
+    }))
+    procs.start("webdis", [webdis, str(work / "webdis.json")])
+    wait_until("webdis listening", lambda: port_in_use(FLEET_WEBDIS), 10)
+    text = (ROOT / "envoy" / "rate-limit-fleet.yaml").read_text()
+    for i, (listener, admin) in enumerate(FLEET_ENVOYS):
+        config = work / f"fleet-{i}.yaml"
+        config.write_text(
+            text.replace("port_value: 10000", f"port_value: {listener}")
+            .replace("port_value: 9901", f"port_value: {admin}")
+            .replace("port_value: 7379", f"port_value: {FLEET_WEBDIS}")
+            .replace('"expected_processes": 3', '"expected_processes": 2')
+        )
+        procs.start(f"fleet-envoy-{i}", [str(envoy), "-c", str(config), "--concurrency", "2",
+                                          "--disable-hot-restart", "--log-level", "warn"])
+    for i, (_, admin) in enumerate(FLEET_ENVOYS):
+        wait_until(f"fleet Envoy {i} ready",
+                   lambda a=admin: admin_get("/ready", ("127.0.0.1", a)).body.strip() == b"LIVE"
+                   if port_in_use(a) else False, 30)
+    note(f"Redis on {FLEET_REDIS}, Webdis on {FLEET_WEBDIS}; two Envoy processes (listeners "
+         f"{', '.join(str(l) for l, _ in FLEET_ENVOYS)}) with one policy of 100/s, burst 100, on x-api-key: fleet-demo")
+    rate = 150  # per process: 300/s in all, three times the limit
+    counts = [{"200": 0, "429": 0, "other": 0} for _ in FLEET_ENVOYS]
+    start = time.monotonic()
+
+    def drive(i: int, listener: int) -> None:
+        conns: dict = {}
+        for n in range(int(seconds * rate)):
+            due = start + (n + i / len(FLEET_ENVOYS)) / rate
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                answer = request(conns, ("127.0.0.1", listener), "GET", "/", {"x-api-key": "fleet-demo"})
+                key = str(answer.status) if answer.status in (200, 429) else "other"
+            except (OSError, http.client.HTTPException):
+                key = "other"
+            counts[i][key] += 1
+
+    threads = [threading.Thread(target=drive, args=(i, l), daemon=True) for i, (l, _) in enumerate(FLEET_ENVOYS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + 30)
+    elapsed = time.monotonic() - start
+    calls = []
+    for _, admin in FLEET_ENVOYS:
+        stats_text = admin_get("/stats?filter=keel.rate_limit.fleet.store_calls", ("127.0.0.1", admin)).body.decode()
+        calls.append(sum(int(line.rsplit(":", 1)[1]) for line in stats_text.splitlines() if ":" in line))
+    admitted = [c["200"] for c in counts]
+    demo.figures["e"] = {
+        "seconds": elapsed,
+        "offered_per_s": rate * len(FLEET_ENVOYS),
+        "admitted": admitted,
+        "refused": [c["429"] for c in counts],
+        "other": sum(c["other"] for c in counts),
+        "total": sum(admitted),
+        "expected": 100 + 100 * elapsed,
+        "store_calls": calls,
+    }
+    e = demo.figures["e"]
+    demo.event(f"fleet: {e['total']} admitted of {sum(sum(c.values()) for c in counts)} in {elapsed:.1f} s "
+               f"(shares {', '.join(map(str, admitted))}); the shared limit allows {e['expected']:.0f}")
+    for i in range(len(FLEET_ENVOYS)):
+        procs.stop(f"fleet-envoy-{i}")
+    procs.stop("webdis")
+    procs.stop("redis")
+
+
+def phase_f(demo: Demo, envoy: Path) -> None:
+    """Idempotency keys: one keyed POST runs upstream once, whatever its repeats do."""
+    procs, work = demo.procs, demo.work
+    demo.start_upstream("orders", ORDERS_PORT)
+    control(ORDERS_PORT, "mode", {"mode": "delay", "for": f"{int(ORDERS_DELAY_S * 1000)}ms"})
+    listener, admin = ORDERS_ENVOY
+    text = (ROOT / "envoy" / "idempotency.yaml").read_text()
+    for old, new in (("port_value: 10000", f"port_value: {listener}"), ("port_value: 9901", f"port_value: {admin}"),
+                     ("port_value: 18080", f"port_value: {ORDERS_PORT}")):
+        if old not in text:
+            raise DemoError(f"envoy/idempotency.yaml: {old!r} not found")
+        text = text.replace(old, new)
+    config = work / "orders-envoy.yaml"
+    config.write_text(text)
+    procs.start("orders-envoy", [str(envoy), "-c", str(config), "--concurrency", "2",
+                                 "--disable-hot-restart", "--log-level", "warn"])
+    wait_until("orders Envoy ready",
+               lambda: admin_get("/ready", ("127.0.0.1", admin)).body.strip() == b"LIVE"
+               if port_in_use(admin) else False, 30)
+    note(f"Envoy with envoy/idempotency.yaml on 127.0.0.1:{listener}; the orders upstream takes "
+         f"{ORDERS_DELAY_S:.1f} s per request")
+    addr = ("127.0.0.1", listener)
+    key = f"demo-order-{random.randrange(10**9)}"
+    headers = {"x-api-key": "alice", "idempotency-key": key, "content-type": "application/json"}
+    body = b'{"item": 1, "quantity": 2}'
+
+    def post(payload: bytes) -> Answer:
+        return request({}, addr, "POST", "/orders", headers, payload, timeout=ORDERS_DELAY_S + 5)
+
+    first: dict = {}
+    runner = threading.Thread(target=lambda: first.update(answer=post(body)), daemon=True)
+    t0 = time.monotonic()
+    runner.start()
+    time.sleep(ORDERS_DELAY_S / 3)  # the first is at the upstream now
+    concurrent = [post(body) for _ in range(3)]
+    runner.join(ORDERS_DELAY_S + 10)
+    answer = first.get("answer")
+    if answer is None:
+        raise DemoError("phase f: the first keyed POST got no answer")
+    replays = [post(body) for _ in range(3)]
+    mismatch = post(b'{"item": 1, "quantity": 3}')
+    stats_text = admin_get("/stats?filter=keel.idempotency", ("127.0.0.1", admin)).body.decode()
+    keel_stats = {k.strip(): v.strip() for k, v in (line.rsplit(":", 1) for line in stats_text.splitlines() if ":" in line)}
+    upstream_posts = json.loads(request({}, ("127.0.0.1", ORDERS_PORT), "GET", "/__keel/stats").body).get("by_method", {}).get("POST", 0)
+    same = [r.status == answer.status and r.body == answer.body
+            and r.headers.get("x-upstream-seq") == answer.headers.get("x-upstream-seq") for r in replays]
+    demo.figures["f"] = {
+        "key": key,
+        "first": {"status": answer.status, "seq": answer.headers.get("x-upstream-seq"),
+                  "seconds": round(time.monotonic() - t0, 2)},
+        "concurrent": [r.status for r in concurrent],
+        "concurrent_retry_after": [r.headers.get("retry-after") for r in concurrent],
+        "replays": [r.status for r in replays],
+        "replays_marked": sum(r.headers.get("idempotent-replayed") == "true" for r in replays),
+        "replays_identical": sum(same),
+        "mismatch": mismatch.status,
+        "upstream_posts": upstream_posts,
+        "stats": {k.removeprefix("wasmcustom."): v for k, v in keel_stats.items() if ".orders." in k},
+    }
+    f = demo.figures["f"]
+    demo.event(f"idempotency: first POST {answer.status} (upstream seq {f['first']['seq']}); "
+               f"3 repeats in flight -> {f['concurrent']} (Retry-After {f['concurrent_retry_after']}); "
+               f"3 repeats after -> {f['replays']}, {f['replays_identical']} identical, {f['replays_marked']} marked "
+               f"idempotent-replayed; another body -> {mismatch.status}; the upstream got {upstream_posts} POST")
+    if answer.status != 200 or upstream_posts != 1 or f["replays_identical"] != 3 or mismatch.status != 422 \
+            or any(status != 409 for status in f["concurrent"]):
+        raise DemoError(f"phase f: idempotency keys did not behave as documented: {f}")
+    procs.stop("orders-envoy")
+    procs.stop("orders")
 
 
 def tally(values) -> dict[str, int]:
@@ -884,13 +1071,24 @@ def write_report(demo: Demo, total_s: float) -> Path:
                 f"({b['users_breaker_replies']} of them the breaker's own 503). The per-host breaker "
                 f"`users-host` for {FAILING} opened {b['breaker_opened']} time(s) (seen by the 1 s stats "
                 f"sampler within {b['breaker_open_within_s']} s) and rejected {b['breaker_rejected']} requests "
-                f"at once; keel.retry sent {b['users_retries']} retries through the static pool "
-                f"({b['users_recovered']} recovered). Discovery took {FAILING} out of the set within "
+                f"at once; keel.retry sent {b['users_retries']} retries, each to the key's next host on the "
+                f"ring not yet tried and whose breaker is closed ({b['users_recovered']} recovered, "
+                f"{b['users_failover_to_failing']} answered by {FAILING}). Discovery took {FAILING} out of the set within "
                 f"{b['failover_within_s']} s (two failed health checks; passive ejections: {b['ejections']}), "
                 f"and the picker moved only its keys to the next endpoints on the ring. After it recovered, "
                 f"the breaker closed {b['breaker_closed']} time(s) (two good half-open probes).",
                 "",
             ]
+            if b["users_failover_lines"]:
+                lines += [
+                    f"Where each attempt of a retried /users/ request went (`x-keel-attempt-hosts`; first "
+                    f"{len(b['users_failover_lines'])} of {b['users_failovers']}):",
+                    "",
+                    "```",
+                    *b["users_failover_lines"],
+                    "```",
+                    "",
+                ]
         if name == "c" and "c" in f:
             c = f["c"]
             lines += [
@@ -921,6 +1119,50 @@ def write_report(demo: Demo, total_s: float) -> Path:
                     f"- unanswered key lookups: {d['unanswered']}",
                     "",
                 ]
+    e = f.get("e")
+    if e and "skipped" not in e:
+        lines += [
+            "## Phase e: two Envoy processes share one fleet-wide limit",
+            "",
+            f"Two more Envoy processes (`envoy/rate-limit-fleet.yaml`, `--concurrency 2` each) shared one "
+            f"policy of 100/s, burst 100, through Redis and Webdis, under {e['offered_per_s']}/s on one key for "
+            f"{e['seconds']:.1f} s.",
+            "",
+            "| process | admitted | refused (429) | store calls |",
+            "|---|---|---|---|",
+        ]
+        for i, (a, r, c) in enumerate(zip(e["admitted"], e["refused"], e["store_calls"])):
+            lines.append(f"| {i + 1} | {a} | {r} | {c} |")
+        lines += [
+            f"| total | {e['total']} | {sum(e['refused'])} | {sum(e['store_calls'])} |",
+            "",
+            f"The limit allows 100 + 100/s x {e['seconds']:.1f} s = {e['expected']:.0f} in all; the two processes "
+            f"admitted {e['total']} ({100 * e['total'] / e['expected']:.1f} %). With a limit per process instead "
+            f"(no store) the two could have admitted up to {2 * e['expected']:.0f}. Other answers: {e['other']}.",
+            "",
+        ]
+    elif e:
+        lines += ["## Phase e: skipped", "", f"{e['skipped']}.", ""]
+    i = f.get("f")
+    if i:
+        lines += [
+            "## Phase f: idempotency keys",
+            "",
+            f"An Envoy with `envoy/idempotency.yaml` in front of an orders upstream that takes {ORDERS_DELAY_S:.1f} s "
+            f"per request; every request below carries `Idempotency-Key: {i['key']}` and `x-api-key: alice`.",
+            "",
+            "| request | answers |",
+            "|---|---|",
+            f"| the first `POST /orders` | {i['first']['status']} after {i['first']['seconds']} s (upstream arrival {i['first']['seq']}) |",
+            f"| 3 repeats while it is in flight | {', '.join(map(str, i['concurrent']))} (Retry-After: {', '.join(map(str, i['concurrent_retry_after']))}) |",
+            f"| 3 repeats after it | {', '.join(map(str, i['replays']))}: {i['replays_identical']} byte for byte the first answer, "
+            f"{i['replays_marked']} with `idempotent-replayed: true` |",
+            f"| the key with another body | {i['mismatch']} |",
+            "",
+            f"The upstream received {i['upstream_posts']} `POST` in all. Keel's counters: "
+            + ", ".join(f"`{k}` {v}" for k, v in sorted(i["stats"].items())),
+            "",
+        ]
     if demo.log_lines:
         lines += ["## Events", ""]
         lines += [f"- {t:5.1f} s (phase {p}): {text}" for t, p, text in demo.log_lines]
@@ -966,6 +1208,7 @@ def main() -> int:
         target_dir = ROOT / target_dir
     etcd = shutil.which("etcd")
     ports = [LISTENER[1], ADMIN[1], STATIC_PORT, *USER_PORTS.values()] + (list(ETCD_PORTS) if etcd else [])
+    ports += [FLEET_REDIS, FLEET_WEBDIS, *(p for pair in FLEET_ENVOYS for p in pair), ORDERS_PORT, *ORDERS_ENVOY]
     busy = [p for p in ports if port_in_use(p)]
     if busy:
         print(f"demo: ports in use on 127.0.0.1: {busy}; stop what listens there and run again", file=sys.stderr)
@@ -1056,6 +1299,12 @@ def main() -> int:
                 phase_d(demo)
             demo.phase_bounds.append((name, label, start, demo.recorder.now()))
         load.halt()
+        say("Phase e: two Envoy processes share one fleet-wide limit (Redis + Webdis)")
+        demo.recorder.phase = "e"
+        phase_e(demo, envoy)
+        say("Phase f: idempotency keys (a replay, a conflict, a mismatch)")
+        demo.recorder.phase = "f"
+        phase_f(demo, envoy)
         sampler.stop.set()
         total = time.monotonic() - t_begin
         REPORT_DIR.mkdir(exist_ok=True)
@@ -1083,7 +1332,8 @@ def main() -> int:
             sampler.stop.set()
         procs.stop_all()
         if REPORT_DIR.is_dir():
-            for name in ("envoy", "etcd", "static", *USER_PORTS):
+            for name in ("envoy", "etcd", "static", *USER_PORTS, "redis", "webdis", "fleet-envoy-0", "fleet-envoy-1", "orders",
+                         "orders-envoy"):
                 log = work / f"{name}.log"
                 if log.is_file():
                     shutil.copy(log, REPORT_DIR / f"{name}.log")
@@ -1107,6 +1357,16 @@ def summary(demo: Demo) -> None:
         c = f["c"]
         note(f"c: burst {c['burst_sent']} -> {c['burst_allowed']} allowed, {c['burst_429']} x 429 "
              f"({c['burst_429_with_retry_after']} with Retry-After); /static/ {c['static_ok']} OK")
+    if "e" in f and "skipped" not in f["e"]:
+        e = f["e"]
+        note(f"e: two processes under {e['offered_per_s']}/s on one key for {e['seconds']:.1f} s: admitted "
+             f"{' + '.join(map(str, e['admitted']))} = {e['total']} (the shared limit: {e['expected']:.0f}); "
+             f"store calls {', '.join(map(str, e['store_calls']))}")
+    if "f" in f:
+        i = f["f"]
+        note(f"f: one keyed POST ran upstream {i['upstream_posts']}x; repeats in flight {i['concurrent']}, "
+             f"after it {i['replays']} ({i['replays_identical']} byte for byte, marked idempotent-replayed), "
+             f"another body {i['mismatch']}")
     if "d" in f and "skipped" not in f["d"]:
         d = f["d"]
         note(f"d: join moved {100 * d['moved_on_add_share']:.1f} % of keys (expected ~25 %), "

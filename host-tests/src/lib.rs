@@ -8,10 +8,12 @@
 //!   [`envoy::wait_for`] polls a condition on it until a timeout.
 //! - [`upstream`]: real HTTP servers on loopback whose behaviour tests switch on command.
 //! - [`etcd`]: a real etcd (Debian's `etcd-server`) on loopback, with its JSON gateway.
+//! - [`redis`]: a real Redis behind a real Webdis (Debian's) on loopback: the fleet store.
 
 pub mod envoy;
 pub mod etcd;
 pub mod harness;
+pub mod redis;
 pub use keel_upstream as upstream;
 
 use std::path::PathBuf;

@@ -732,3 +732,57 @@ fn admitting_on_a_closed_breaker_reads_and_writes_nothing() {
         version
     );
 }
+
+/// Regression (one state read per request): the response's update starts from the state the
+/// request read. A stream whose state changed in between (other streams recorded their
+/// outcomes) must still record its own, exactly once: the write with the old version is
+/// refused and the update reads the state again.
+#[test]
+fn outcomes_of_interleaved_streams_are_each_recorded_once() {
+    let host = Host::new();
+    let vms = workers(&host, MINIMAL, 2);
+    // Ten streams admitted on two workers before any answers: all read the same version.
+    let streams: Vec<HttpStream> = (0..10).map(|i| send(&vms[i % 2], "/orders")).collect();
+    assert!(streams.iter().all(admitted));
+    for s in &streams {
+        answer(s, 500);
+    }
+    // Nine more failures: 19 calls, below min_calls (20), so still closed.
+    for i in 0..9 {
+        assert!(call(&vms[i % 2], 500), "call {i} admitted");
+    }
+    assert!(
+        call(&vms[0], 500),
+        "the 20th call is admitted and opens the breaker"
+    );
+    let s = send(&vms[1], "/orders");
+    assert!(
+        !admitted(&s),
+        "open after exactly 20 failures: none was lost or counted twice"
+    );
+    assert_eq!(host.counter("keel.circuit_breaker.orders.calls"), 20);
+}
+
+/// A request on a closed breaker, with nothing written in between, reads the state once.
+#[test]
+fn a_closed_breaker_reads_its_state_once_per_request() {
+    let host = Host::new();
+    let vms = workers(&host, MINIMAL, 1);
+    assert!(call(&vms[0], 200));
+    let reads = |vm: &Vm| {
+        vm.host_calls()
+            .get("proxy_get_shared_data")
+            .copied()
+            .unwrap_or(0)
+    };
+    let (before, writes_before) = (reads(&vms[0]), vms[0].host_calls()["proxy_set_shared_data"]);
+    for _ in 0..5 {
+        assert!(call(&vms[0], 200));
+    }
+    assert_eq!(reads(&vms[0]) - before, 5, "one read per request");
+    assert_eq!(
+        vms[0].host_calls()["proxy_set_shared_data"] - writes_before,
+        5,
+        "one write per request"
+    );
+}

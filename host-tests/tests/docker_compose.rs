@@ -66,7 +66,9 @@ fn every_image_is_pinned_and_every_mounted_path_exists() {
     let doc = compose();
     let services = services(&doc);
     let names: Vec<&str> = services.iter().map(|(n, _)| n.as_str()).collect();
-    for wanted in ["envoy", "etcd", "static", "users-1", "users-2", "users-3"] {
+    for wanted in [
+        "envoy", "etcd", "redis", "webdis", "static", "users-1", "users-2", "users-3",
+    ] {
         assert!(names.contains(&wanted), "no service {wanted}: {names:?}");
     }
     for (name, service) in &services {

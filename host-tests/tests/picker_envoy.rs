@@ -6,10 +6,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use keel_core::hash::config::from_json;
 use keel_core::hash::{hash_key, Pick};
 use keel_host_tests::envoy::{Envoy, EnvoyConfig, Request, Response};
 use keel_host_tests::upstream::{Mode, Upstream};
+
+/// The picker's configuration through the production entry point.
+fn from_json(
+    json: &str,
+) -> Result<keel_core::hash::config::FilterConfig, keel_core::config::ConfigError> {
+    keel_core::config::load(json.as_bytes())
+}
 
 const MINIMAL: &str = r#"{"pickers": [{"name": "users", "key": "header:x-user", "algorithm": "ring", "endpoints": [{"address": "127.0.0.1:18091"}, {"address": "127.0.0.1:18092"}, {"address": "127.0.0.1:18093"}]}]}"#;
 const PORTS: [u16; 3] = [18091, 18092, 18093];

@@ -7,11 +7,17 @@ use std::time::Duration;
 
 use keel_core::discovery::endpoints::{encode_version, set_key, version_key};
 use keel_core::discovery::{DiscoveredEndpoint, EndpointSet};
-use keel_core::hash::config::from_json;
 use keel_core::hash::{hash_key, Pick};
 use keel_core::time::Instant;
 use keel_host_tests::harness::{request, response, Action, Host, HttpStream, Vm};
 use keel_host_tests::Module;
+
+/// The picker's configuration through the production entry point.
+fn from_json(
+    json: &str,
+) -> Result<keel_core::hash::config::FilterConfig, keel_core::config::ConfigError> {
+    keel_core::config::load(json.as_bytes())
+}
 
 const MINIMAL: &str = r#"{"pickers": [{"name": "users", "key": "header:x-user", "algorithm": "ring", "endpoints": [{"address": "127.0.0.1:18091"}, {"address": "127.0.0.1:18092"}, {"address": "127.0.0.1:18093"}]}]}"#;
 const DST: &str = "x-envoy-original-dst-host";

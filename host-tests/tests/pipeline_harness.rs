@@ -343,7 +343,7 @@ fn a_bad_pipeline_configuration_is_refused_naming_the_field() {
     for (config, line) in [
         (
             r#"{"stages": [{"filter": "ratelimit", "config": {}}]}"#.to_string(),
-            "keel pipeline: stages[0].filter: expected one of circuit_breaker, retry, rate_limit, picker, discovery, got \"ratelimit\"; configuration refused",
+            "keel pipeline: stages[0].filter: expected one of circuit_breaker, retry, rate_limit, picker, discovery, idempotency, adaptive, got \"ratelimit\"; configuration refused",
         ),
         (
             pipeline_config(&[

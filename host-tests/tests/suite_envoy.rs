@@ -91,7 +91,7 @@ fn an_unknown_root_id_makes_envoy_refuse_the_filter_naming_the_known_ones() {
     assert!(
         log.contains(
             "keel suite: unknown root_id \"pickr\"; keel.wasm has the root_ids circuit_breaker, \
-             retry, rate_limit, picker, discovery, pipeline; configuration refused"
+             retry, rate_limit, picker, discovery, idempotency, adaptive, pipeline; configuration refused"
         ),
         "{log}"
     );

@@ -23,7 +23,7 @@ fn an_unknown_root_id_is_refused_naming_the_known_ones() {
         assert!(vm.crashed().is_none());
         let line = format!(
             "keel suite: unknown root_id \"{root_id}\"; keel.wasm has the root_ids \
-             circuit_breaker, retry, rate_limit, picker, discovery, pipeline; configuration refused"
+             circuit_breaker, retry, rate_limit, picker, discovery, idempotency, adaptive, pipeline; configuration refused"
         );
         let errors = vm.logs_at_least(LogLevel::Error);
         assert!(

@@ -8,6 +8,8 @@
 //! | `POST /__keel/mode` | sets the mode from a JSON body (below); answers the new mode |
 //! | `POST /__keel/health` | `{"up": false}` makes `/healthz` answer 503 |
 //! | `POST /__keel/reset` | clears the counters and the log |
+//! | `GET /__keel/capacity` | capacity mode as JSON, with `in_service`, `queued`, `rejected`, `waited` |
+//! | `POST /__keel/capacity` | sets capacity mode: `{"concurrency": 20, "service": "10ms", "queue": 200, "growth": 0.0}` (`queue` and `growth` optional), or `{"off": true}` |
 //!
 //! Modes as JSON: `{"mode": "normal"}`, `{"mode": "fail", "status": 503, "headers":
 //! {"retry-after": "2"}}`, `{"mode": "fail_first", "attempts": 1, "status": 503}`,
@@ -22,6 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
+use crate::capacity::Capacity;
 use crate::server::{reply, Reply};
 use crate::{Mode, Shared};
 
@@ -45,7 +48,18 @@ pub(crate) fn handle(shared: &Shared, method: &str, path: &str, body: &[u8]) -> 
             }
             Err(e) => json_reply(400, &json!({ "error": e })),
         },
+        ("GET", "/__keel/capacity") => json_reply(200, &capacity_json(shared)),
+        ("POST", "/__keel/capacity") => {
+            match parse_body(body).and_then(|v| capacity_from_json(&v)) {
+                Ok(capacity) => {
+                    shared.gate.set(capacity);
+                    json_reply(200, &capacity_json(shared))
+                }
+                Err(e) => json_reply(400, &json!({ "error": e })),
+            }
+        }
         ("POST", "/__keel/reset") => {
+            shared.gate.reset_counts();
             shared.state().reset_counts();
             json_reply(200, &json!({ "reset": true }))
         }
@@ -73,7 +87,71 @@ pub(crate) fn stats(shared: &Shared) -> Value {
         "by_path": state.by_path,
         "by_method": state.by_method,
         "by_status": by_status,
+        "capacity": capacity_json(shared),
     })
+}
+
+/// Capacity mode as JSON: the setting (`null` when off) and the gate's counts.
+fn capacity_json(shared: &Shared) -> Value {
+    let counts = shared.gate.counts();
+    let setting = match shared.gate.capacity() {
+        Some(c) => json!({
+            "concurrency": c.concurrency,
+            "service": format!("{}us", c.service.as_micros()),
+            "queue": c.queue,
+            "growth": c.growth,
+        }),
+        None => Value::Null,
+    };
+    json!({
+        "setting": setting,
+        "in_service": counts.in_service,
+        "queued": counts.queued,
+        "rejected": counts.rejected,
+        "waited": counts.waited,
+    })
+}
+
+/// Parses a capacity setting (`None`: off); the error names the field.
+pub fn capacity_from_json(value: &Value) -> Result<Option<Capacity>, String> {
+    let object = value
+        .as_object()
+        .ok_or("expected an object like {\"concurrency\": 20, \"service\": \"10ms\"}")?;
+    if object.get("off").is_some() {
+        check_fields(object, &["off"])?;
+        return match object.get("off").and_then(Value::as_bool) {
+            Some(true) => Ok(None),
+            _ => Err("off: expected true".to_string()),
+        };
+    }
+    check_fields(object, &["concurrency", "service", "queue", "growth"])?;
+    let concurrency = object
+        .get("concurrency")
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n >= 1)
+        .ok_or("concurrency: expected a whole number >= 1")?;
+    let text = object
+        .get("service")
+        .and_then(Value::as_str)
+        .ok_or("service: expected a duration like \"10ms\"")?;
+    let service = keel_core::time::Duration::parse(text)
+        .map(|d| Duration::from_nanos(d.as_nanos()))
+        .map_err(|e| format!("service: expected a duration like \"10ms\", got {text:?}: {e}"))?;
+    let mut capacity = Capacity::new(concurrency, service);
+    if let Some(queue) = object.get("queue") {
+        capacity.queue = queue
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or("queue: expected a whole number")?;
+    }
+    if let Some(growth) = object.get("growth") {
+        capacity.growth = growth
+            .as_f64()
+            .filter(|g| g.is_finite() && *g >= 0.0)
+            .ok_or("growth: expected a number >= 0")?;
+    }
+    Ok(Some(capacity))
 }
 
 fn json_reply(status: u16, value: &Value) -> Reply {
@@ -259,6 +337,29 @@ mod tests {
         for mode in modes {
             assert_eq!(mode_from_json(&mode_to_json(&mode)), Ok(mode));
         }
+    }
+
+    #[test]
+    fn capacity_settings_parse_and_errors_name_the_field() {
+        let c = capacity_from_json(&json!({"concurrency": 20, "service": "10ms"}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c, Capacity::new(20, Duration::from_millis(10)));
+        assert_eq!(c.queue, 200);
+        let c = capacity_from_json(
+            &json!({"concurrency": 4, "service": "1s", "queue": 0, "growth": 0.5}),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((c.queue, c.growth), (0, 0.5));
+        assert_eq!(capacity_from_json(&json!({"off": true})), Ok(None));
+        let err = |v: Value| capacity_from_json(&v).unwrap_err();
+        assert!(err(json!({"concurrency": 0, "service": "1ms"})).starts_with("concurrency:"));
+        assert!(err(json!({"concurrency": 2})).starts_with("service:"));
+        assert!(err(json!({"concurrency": 2, "service": "1ms", "qeue": 1})).starts_with("qeue:"));
+        assert!(
+            err(json!({"concurrency": 2, "service": "1ms", "growth": -1})).starts_with("growth:")
+        );
     }
 
     #[test]

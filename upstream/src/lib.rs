@@ -1,6 +1,7 @@
 //! Real upstream HTTP/1.1 servers on loopback whose behaviour tests switch on command.
 //!
-//! An [`Upstream`] answers `200` with its name as the body and an `x-upstream: <name>` header,
+//! An [`Upstream`] answers `200` with its name as the body and an `x-upstream: <name>` header
+//! (and `x-upstream-seq: <n>`, the request's arrival number, so two answers always differ),
 //! until the test switches its [`Mode`]: fail with a status (and headers such as
 //! `Retry-After`), fail the first attempts of each request identity, fail at random, stall,
 //! close the connection without answering, or answer late. It counts what it receives (in
@@ -22,6 +23,7 @@
 //! - the log keeps the newest [`LOG_CAPACITY`] arrivals and the per-identity counts at most
 //!   [`IDENTITY_CAPACITY`] identities (then starts over), so a long demo does not grow memory.
 
+pub mod capacity;
 pub mod control;
 pub mod registry;
 mod server;
@@ -188,6 +190,8 @@ impl State {
 pub(crate) struct Shared {
     pub(crate) name: String,
     state: Mutex<State>,
+    /// Capacity mode's slots and queue (see [`capacity`]).
+    pub(crate) gate: capacity::Gate,
 }
 
 impl Shared {
@@ -221,6 +225,7 @@ impl Upstream {
         let shared = Arc::new(Shared {
             name: name.to_string(),
             state: Mutex::new(State::new()),
+            gate: capacity::Gate::default(),
         });
         let (runtime, addr) = server::serve(Arc::clone(&shared), addr)
             .with_context(|| format!("starting upstream {name} on {addr}"))?;
@@ -361,6 +366,22 @@ impl Upstream {
             *slot = Some(runtime);
         }
         Ok(())
+    }
+
+    /// Switches capacity mode on (`Some`) or off (`None`) from the next arrival on; waiters
+    /// are admitted at once when it rises (see [`capacity`]).
+    pub fn set_capacity(&self, capacity: Option<capacity::Capacity>) {
+        self.shared.gate.set(capacity);
+    }
+
+    /// The capacity set now.
+    pub fn capacity(&self) -> Option<capacity::Capacity> {
+        self.shared.gate.capacity()
+    }
+
+    /// Requests in service, waiting and refused by capacity mode.
+    pub fn capacity_counts(&self) -> capacity::GateCounts {
+        self.shared.gate.counts()
     }
 
     /// The counters as JSON, as `GET /__keel/stats` answers.

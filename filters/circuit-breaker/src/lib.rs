@@ -10,9 +10,11 @@
 //!
 //! Per request on a closed breaker: at request headers one shared-data read (no write, no
 //! clock unless slow calls are tracked); at response headers the status, one clock read, one
-//! compare-and-swap of the window (a read and a write) and one counter. The route name, the
-//! cluster, the method and the fallback key are read only when a configured feature needs
-//! them; Envoy's response flags only for a `5xx` or a stream without response headers.
+//! compare-and-swap of the window (a write with the version the request read: a second read
+//! only when another stream wrote in between, see `keel_proxy::store::Remembered`) and one
+//! counter. The route name, the cluster, the method and the fallback key are read only when a
+//! configured feature needs them; Envoy's response flags only for a `5xx` or a stream without
+//! response headers.
 //!
 //! Host capabilities: shared data (required: without it each worker would have its own
 //! breaker, and the filter fails open, counting `store_errors`), `send_http_response`, the
@@ -25,17 +27,21 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
+use keel_core::breaker::steer::JUDGED_HOST_PROPERTY;
 use keel_core::breaker::{
-    Admission, BreakerPolicy, BreakerState, Breakers, BreakersConfig, FallbackPolicy, Mode,
-    Outcome, Phase, ProbeTicket, Reply, Response, Scope, Transition,
+    Admission, BreakerPolicy, BreakerState, Breakers, FallbackPolicy, Mode, Outcome, Phase,
+    ProbeTicket, Reply, Response, Scope, Transition,
 };
+use keel_core::config;
+use keel_core::routes;
 use keel_core::store::SharedStore;
 use keel_core::time::{Duration, Instant};
-use keel_proxy::metrics::{Counter, Gauge};
+use keel_proxy::metrics::{Counter, Family, Gauge};
 use keel_proxy::reply::LocalReply;
 use keel_proxy::stage::Stage;
-use keel_proxy::store::HostStore;
-use keel_proxy::{clock, config, log, request, response, routing, store};
+use keel_proxy::store::update_in as update;
+use keel_proxy::store::{HostStore, Primed};
+use keel_proxy::{clock, log, request, response, routing, store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
@@ -81,8 +87,9 @@ struct Metrics {
 
 impl Metrics {
     fn new(name: &str) -> Metrics {
-        let counter = |what: &str| Counter::define(&format!("keel.circuit_breaker.{name}.{what}"));
-        let gauge = |what: &str| Gauge::define(&format!("keel.circuit_breaker.{name}.{what}"));
+        let family = Family::new("circuit_breaker", name);
+        let counter = |what: &str| family.counter(what);
+        let gauge = |what: &str| family.gauge(what);
         Metrics {
             state: gauge("state"),
             open: gauge("open"),
@@ -139,11 +146,15 @@ impl Breaker {
 
     /// The instance of this request (its cluster or host, `None` for scope `policy`) and the
     /// shared-data key of its state.
-    fn instance(&self) -> Result<(Option<String>, String), Unguarded> {
+    /// The key is `None` for scope `policy`: it is [`Breaker::policy_key`] (not copied per
+    /// request).
+    fn instance(&self) -> Result<(Option<String>, Option<String>), Unguarded> {
         let (cluster, host) = match self.policy.scope() {
             Scope::Policy => {
-                let key = self.policy_key.clone().ok_or(Unguarded::Unknown)?;
-                return Ok((None, key));
+                return match self.policy_key {
+                    Some(_) => Ok((None, None)),
+                    None => Err(Unguarded::Unknown),
+                };
             }
             Scope::Cluster => (routing::cluster_name(), None),
             Scope::Host => (None, routing::original_dst_host()),
@@ -162,7 +173,12 @@ impl Breaker {
             }
             known.insert(instance.clone());
         }
-        Ok((Some(instance), key))
+        Ok((Some(instance), Some(key)))
+    }
+
+    /// The shared-data key of a call's state: its own, or the policy's.
+    fn key<'a>(&'a self, own: &'a Option<String>) -> Option<&'a str> {
+        own.as_deref().or(self.policy_key.as_deref())
     }
 
     /// Counts, logs and shows one transition (reported exactly once in the process: by the
@@ -275,9 +291,7 @@ impl Context for BreakerRoot {}
 
 impl RootContext for BreakerRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(breakers) = self.stage.load(FILTER, |bytes| {
-            Breakers::try_from(&config::parse::<BreakersConfig>(bytes)?)
-        }) else {
+        let Some(breakers) = self.stage.load(FILTER, config::load::<Breakers>) else {
             return false;
         };
         let now = clock::now();
@@ -290,9 +304,8 @@ impl RootContext for BreakerRoot {
         for b in &breakers {
             prepare(b, now);
         }
-        self.needs_route = breakers
-            .iter()
-            .any(|b| b.policy.routes().is_some() || b.policy.fallback().is_some());
+        self.needs_route = routes::any_listed(&breakers, |b| &b.policy)
+            || breakers.iter().any(|b| b.policy.fallback().is_some());
         let names: Vec<&str> = breakers.iter().map(|b| b.policy.name()).collect();
         log::info(
             FILTER,
@@ -339,10 +352,7 @@ fn prepare(b: &Breaker, now: Instant) {
             m.open.set(u64::from(phase != Phase::Closed));
         }
         Ok(None) => {
-            if HostStore
-                .set(key, &b.policy.initial_state(now), None)
-                .is_err()
-            {
+            if store::ensure(key, &b.policy.initial_state(now)).is_err() {
                 log::warn(
                     FILTER,
                     &format!("breaker {}: could not create its state in shared data; the breaker fails open", b.policy.name()),
@@ -365,12 +375,54 @@ fn prepare(b: &Breaker, now: Instant) {
 struct Call {
     breaker: usize,
     instance: Option<String>,
-    key: String,
+    /// The state's key, `None` for the policy's ([`Breaker::key`]).
+    key: Option<String>,
     ticket: Option<ProbeTicket>,
     /// When it was admitted; read only when slow calls are tracked (else zero).
     started: Instant,
     /// Its outcome is in the window (or was dropped): nothing more to record.
     recorded: bool,
+    /// The state as admission read it (with its version), when admission wrote nothing: the
+    /// outcome's update starts from it instead of reading the state again ([`keel_proxy::store::Primed`]).
+    read: Option<(Vec<u8>, u32)>,
+}
+
+/// Admission of one request against the state at `key`: the decision, and the state as read
+/// (with its version) when admission wrote nothing, for the outcome's update to start from
+/// ([`Primed`]). `None` when the state could not be read or updated (counted in
+/// `store_errors`): the breaker fails open.
+///
+/// The common case (a closed breaker) is one read and no write. A decision that writes (a
+/// transition, a probe permit) goes through the compare-and-swap loop, whose first attempt
+/// starts from the state just read: the same decision the loop would have made from it.
+/// The breaker's state as read from shared data, with its version.
+type StateRead = Option<(Vec<u8>, u32)>;
+
+fn admit(
+    b: &Breaker,
+    key: &str,
+    clock_read: &mut Option<Instant>,
+) -> Option<(keel_core::breaker::Decision, StateRead)> {
+    let policy = &b.policy;
+    let first = match HostStore.get(key) {
+        Ok(first) => first,
+        Err(_) => {
+            b.metrics.store_errors.increment(1);
+            return None;
+        }
+    };
+    let (write, decision) = policy.admit_with(first.as_ref().map(|(v, _)| v.as_slice()), || {
+        *clock_read.get_or_insert_with(clock::now)
+    });
+    if write.is_none() {
+        return Some((decision, first));
+    }
+    let primed = Primed::new(first);
+    update(&primed, key, &b.metrics.store_errors, |s| {
+        policy.admit_with(s, || *clock_read.get_or_insert_with(clock::now))
+    })
+    .ok()
+    .map(|decision| (decision, None))
 }
 
 /// Where a good `GET` response would be kept: its route and key.
@@ -405,15 +457,11 @@ impl HttpContext for BreakerStream {
         } else {
             None
         };
-        let route = route.as_deref().unwrap_or("");
         let breakers = Rc::clone(&self.breakers);
-        let Some((index, b)) = breakers
-            .iter()
-            .enumerate()
-            .find(|(_, b)| b.policy.applies_to(route))
-        else {
+        let Some((index, b)) = routes::first(&breakers, route.as_deref(), |b| &b.policy) else {
             return Action::Continue;
         };
+        let route = route.as_deref().unwrap_or("");
         if b.policy.mode() == Mode::Disabled {
             return Action::Continue;
         }
@@ -425,12 +473,12 @@ impl HttpContext for BreakerStream {
             }
         };
         let policy = &b.policy;
+        let Some(state_key) = b.key(&key) else {
+            return Action::Continue;
+        };
         // A closed breaker admits without the time: one host call fewer per request.
         let mut clock_read = None;
-        let admitted = store::update(&key, &b.metrics.store_errors, |s| {
-            policy.admit_with(s, || *clock_read.get_or_insert_with(clock::now))
-        });
-        let Ok(decision) = admitted else {
+        let Some((decision, read)) = admit(b, state_key, &mut clock_read) else {
             // Failing open: a breaker that cannot read its state must not take the route down.
             return Action::Continue;
         };
@@ -455,6 +503,13 @@ impl HttpContext for BreakerStream {
                 return Action::Pause;
             }
         };
+        if policy.scope() == Scope::Host {
+            if let Some(host) = &instance {
+                // This breaker judges the host by this call: discovery's passive ejection
+                // leaves it out, so one failure is counted once (docs/operations.md).
+                request::set_property(&[JUDGED_HOST_PROPERTY], host.as_bytes());
+            }
+        }
         // The start time matters only to tell slow calls.
         let started = match clock_read {
             Some(now) => now,
@@ -468,6 +523,7 @@ impl HttpContext for BreakerStream {
             ticket,
             started,
             recorded: false,
+            read,
         });
         if let Some(fallback) = policy.fallback() {
             self.keep = fallback_key(fallback).map(|key| Keep {
@@ -567,7 +623,11 @@ impl BreakerStream {
             }
         }
         let ticket = call.ticket;
-        let recorded = store::update(&call.key, &b.metrics.store_errors, |s| {
+        let Some(key) = b.key(&call.key) else {
+            return;
+        };
+        let primed = Primed::new(call.read.take());
+        let recorded = update(&primed, key, &b.metrics.store_errors, |s| {
             policy.record(s, now, outcome, ticket)
         });
         if let Ok(Some(t)) = recorded {

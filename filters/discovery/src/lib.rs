@@ -22,28 +22,29 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::rc::Rc;
 
+use keel_core::breaker::steer::JUDGED_HOST_PROPERTY;
 use keel_core::config::path_only;
 use keel_core::discovery::endpoints::decode_version;
-use keel_core::discovery::lease::{self, LEASE_ATTEMPTS};
+use keel_core::discovery::lease;
 use keel_core::discovery::report::freshness_name;
 use keel_core::discovery::{
     passive_key, read_set, status_json, update_set, version_key, ActiveChecks, CheckResult,
-    ConsulIndex, DiscoveryConfig, DiscoverySpec, Ejection, EndpointSet, Freshness, Outcome,
-    PassiveCounter, PassiveVerdict, PollerLease, RefreshSchedule, RegistryAnswer, ServiceConfig,
-    Source, LEASE_KEY, POLLER_LEASE_TTL,
+    ConsulIndex, DiscoveryConfig, Ejection, EndpointSet, Freshness, Outcome, PassiveCounter,
+    PassiveVerdict, RefreshSchedule, RegistryAnswer, ServiceConfig, Source, LEASE_KEY,
+    POLLER_LEASE_TTL,
 };
 use keel_core::rand::SeededRng;
+use keel_core::retry::attempt::{decode_router_attempt, ROUTER_ATTEMPT_PROPERTY};
 use keel_core::store::SharedStore;
 use keel_core::time::{Duration, Instant};
-use keel_proxy::metrics::{Counter, Gauge};
+use keel_proxy::metrics::{Counter, Family, Gauge};
 use keel_proxy::reply::LocalReply;
 use keel_proxy::stage::Stage;
 use keel_proxy::store::HostStore;
-use keel_proxy::{clock, config, http_call, log, request, store};
+use keel_proxy::{clock, http_call, log, random, request, store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
@@ -86,8 +87,9 @@ struct ServiceMetrics {
 
 impl ServiceMetrics {
     fn new(service: &str) -> ServiceMetrics {
-        let gauge = |what: &str| Gauge::define(&format!("keel.discovery.{service}.{what}"));
-        let counter = |what: &str| Counter::define(&format!("keel.discovery.{service}.{what}"));
+        let family = Family::new("discovery", service);
+        let gauge = |what: &str| family.gauge(what);
+        let counter = |what: &str| family.counter(what);
         ServiceMetrics {
             known: gauge("endpoints_known"),
             healthy: gauge("endpoints_healthy"),
@@ -167,6 +169,8 @@ struct Filter {
     services: Vec<Service>,
     passive: bool,
     acquired: Counter,
+    /// Updates of the poller lease that did not happen (contended or refused).
+    lease_errors: Counter,
 }
 
 /// A callout in flight.
@@ -570,9 +574,7 @@ impl DiscoveryRoot {
     fn new(stage: Stage) -> DiscoveryRoot {
         // 64 random bits per VM (WASI random through std's hasher keys), so that workers started
         // at the same instant still get distinct lease holder ids.
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u64(clock::now().as_nanos());
-        let me = hasher.finish();
+        let me = random::seed(0);
         DiscoveryRoot {
             stage,
             me,
@@ -605,16 +607,11 @@ impl Context for DiscoveryRoot {
         if self.poller.take().is_some() {
             let now = clock::now();
             let me = self.me;
-            let _ =
-                keel_core::store::update(&HostStore, LEASE_KEY, LEASE_ATTEMPTS, |old| {
-                    match old.and_then(PollerLease::decode) {
-                        Some(held) => {
-                            let next = lease::release(held, me, now);
-                            ((next != held).then(|| next.encode()), ())
-                        }
-                        None => (None, ()),
-                    }
+            if let Some(filter) = self.filter.as_ref() {
+                let _ = store::update(LEASE_KEY, &filter.lease_errors, |old| {
+                    lease::release_bytes(old, me, now)
                 });
+            }
         }
         true
     }
@@ -622,9 +619,10 @@ impl Context for DiscoveryRoot {
 
 impl RootContext for DiscoveryRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(config) = self.stage.load(FILTER, |bytes| {
-            DiscoveryConfig::from_spec(&config::parse::<DiscoverySpec>(bytes)?)
-        }) else {
+        let Some(config) = self
+            .stage
+            .load(FILTER, keel_core::config::load::<DiscoveryConfig>)
+        else {
             return false;
         };
         let tick = config.tick();
@@ -646,11 +644,13 @@ impl RootContext for DiscoveryRoot {
             FILTER,
             &format!("configured services: {} (tick {tick})", names.join(", ")),
         );
+        let poller = Family::new("discovery", "poller");
         self.filter = Some(Rc::new(Filter {
             admin_path,
             services,
             passive,
-            acquired: Counter::define("keel.discovery.poller.acquired"),
+            acquired: poller.counter("acquired"),
+            lease_errors: poller.counter("store_errors"),
         }));
         self.poller = None;
         if !self
@@ -672,7 +672,11 @@ impl RootContext for DiscoveryRoot {
         let now = clock::now();
         let holding = self.poller.is_some();
         // On a contended or refused lease update this worker keeps its role for this tick.
-        let held = lease::acquire(&HostStore, self.me, now, POLLER_LEASE_TTL).unwrap_or(holding);
+        let me = self.me;
+        let held = store::update(LEASE_KEY, &filter.lease_errors, |old| {
+            lease::acquire_bytes(old, me, now, POLLER_LEASE_TTL)
+        })
+        .unwrap_or(holding);
         if held && !holding {
             filter.acquired.increment(1);
             log::info(
@@ -757,9 +761,20 @@ impl HttpContext for DiscoveryStream {
         else {
             return;
         };
-        let status =
-            request::property_i64(&["response", "code"]).and_then(|c| u16::try_from(c).ok());
-        let details = request::property_str(&["response", "code_details"]);
+        // A per-host breaker judged this call: it is its failure to count, not ours.
+        if request::property_str(&[JUDGED_HOST_PROPERTY]).as_deref() == Some(address.as_str()) {
+            return;
+        }
+        // When the retry filter replaced the router's answer, that answer (which it left on
+        // the stream) is the host's outcome, not what the client finally got.
+        let router_attempt = request::property_str(&[ROUTER_ATTEMPT_PROPERTY]);
+        let (status, details) = match router_attempt.as_deref().and_then(decode_router_attempt) {
+            Some((status, details)) => (Some(status), details.map(str::to_string)),
+            None => (
+                request::property_i64(&["response", "code"]).and_then(|c| u16::try_from(c).ok()),
+                request::property_str(&["response", "code_details"]),
+            ),
+        };
         let Some(outcome) = Outcome::from_response(status, details.as_deref()) else {
             return;
         };

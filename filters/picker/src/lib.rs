@@ -24,23 +24,24 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 
+use keel_core::breaker::steer::{host_state_key, steering};
+use keel_core::config;
 use keel_core::hash::bounded::{self, BoundedPick};
-use keel_core::hash::config::{validate, EndpointSource, FilterSpec, PickerConfig};
+use keel_core::hash::config::{EndpointSource, FilterConfig, PickerConfig};
+use keel_core::hash::failover::{encode_hosts, HOSTS_PROPERTY, MAX_HOSTS};
 use keel_core::hash::{Algorithm, InFlight, MirrorOutcome, Pick, Picker, ServiceMirror};
 use keel_core::rand::{Rng, SeededRng};
+use keel_core::routes;
 use keel_core::store::SharedStore;
-use keel_proxy::metrics::{Counter, Gauge};
+use keel_proxy::metrics::{Counter, Family, Gauge, Tally};
 use keel_proxy::reply::LocalReply;
-use keel_proxy::routes::RouteMatch;
 use keel_proxy::stage::Stage;
 use keel_proxy::store::{HostStore, CAS_ATTEMPTS};
-use keel_proxy::{clock, config, log, request, routing};
-use proxy_wasm::hostcalls;
+use keel_proxy::{clock, log, random, request, routing, store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, MapType};
+use proxy_wasm::types::{Action, ContextType};
 
 const FILTER: &str = "picker";
 /// Per-endpoint pick counters a VM defines at most: each definition is kept by the host for
@@ -64,7 +65,7 @@ pub fn root(context_id: u32) -> Box<dyn RootContext> {
 
 /// A picker's metrics, `keel.picker.<picker>.<what>`.
 struct Metrics {
-    prefix: String,
+    family: Family,
     /// Per endpoint address, defined on first sight.
     picks: RefCell<HashMap<String, Counter>>,
     rebuilds: Counter,
@@ -76,14 +77,16 @@ struct Metrics {
     keyless: Counter,
     cookies_set: Counter,
     shared_data_errors: Counter,
+    /// Picks made while the breaker of at least one host was open.
+    breaker_avoided: Counter,
     endpoints: Gauge,
     healthy: Gauge,
 }
 
 impl Metrics {
     fn new(picker: &str) -> Metrics {
-        let prefix = format!("keel.picker.{picker}");
-        let counter = |what: &str| Counter::define(&format!("{prefix}.{what}"));
+        let family = Family::new("picker", picker);
+        let counter = |what: &str| family.counter(what);
         Metrics {
             picks: RefCell::new(HashMap::new()),
             rebuilds: counter("rebuilds"),
@@ -95,9 +98,10 @@ impl Metrics {
             keyless: counter("keyless"),
             cookies_set: counter("cookies_set"),
             shared_data_errors: counter("shared_data_errors"),
-            endpoints: Gauge::define(&format!("{prefix}.endpoints")),
-            healthy: Gauge::define(&format!("{prefix}.healthy_endpoints")),
-            prefix,
+            breaker_avoided: counter("breaker_avoided"),
+            endpoints: family.gauge("endpoints"),
+            healthy: family.gauge("healthy_endpoints"),
+            family,
         }
     }
 
@@ -114,7 +118,7 @@ impl Metrics {
                 if known.len() >= MAX_ENDPOINT_COUNTERS {
                     return Counter::default();
                 }
-                let c = Counter::define(&format!("{}.picks.{}", self.prefix, e.address));
+                let c = self.family.counter(&format!("picks.{}", e.address));
                 known.insert(e.address.clone(), c);
                 c
             })
@@ -126,10 +130,11 @@ impl Metrics {
 struct Table {
     picker: Picker,
     mirror: Option<ServiceMirror>,
-    /// Aligned with `picker.endpoints()`.
-    picks: Vec<Counter>,
-    /// Picks not yet added to `picks`, aligned likewise; unused when the host cannot tick.
-    pending: Vec<u64>,
+    /// Aligned with `picker.endpoints()`; tallied in the VM unless the host cannot tick.
+    picks: Vec<Tally>,
+    /// The shared-data key of each endpoint's breaker state (aligned likewise), when the
+    /// picker follows a per-host breaker.
+    breaker_keys: Vec<String>,
     in_panic: bool,
     /// Whether "nothing published" was logged since the last good set.
     missing_logged: bool,
@@ -138,7 +143,6 @@ struct Table {
 /// One configured picker with what the glue needs beside it.
 struct Slot {
     config: PickerConfig,
-    routes: RouteMatch,
     in_flight_key: String,
     /// Whether the pick reads and counts in-flight requests (bounded loads, least request).
     tracks_in_flight: bool,
@@ -160,6 +164,7 @@ impl Slot {
         let own = [
             Some(config.target.header()),
             config.endpoint_header.as_deref(),
+            config.hosts_header.as_deref(),
         ];
         let strip = all_headers
             .iter()
@@ -168,7 +173,7 @@ impl Slot {
             .collect();
         let mut table = Table {
             picks: Vec::new(),
-            pending: Vec::new(),
+            breaker_keys: Vec::new(),
             in_panic: false,
             missing_logged: false,
             picker,
@@ -177,9 +182,12 @@ impl Slot {
         if table.mirror.is_none() {
             metrics.rebuilds.increment(1);
         }
-        refresh_view(&metrics, &mut table);
+        refresh_view(
+            &metrics,
+            &mut table,
+            config.breaker.as_ref().map(|b| b.name.as_str()),
+        );
         Slot {
-            routes: RouteMatch::new(config.routes.clone()),
             in_flight_key: config.in_flight_key(),
             tracks_in_flight: config.options.balance_factor.is_some()
                 || config.algorithm == Algorithm::LeastRequest,
@@ -188,6 +196,37 @@ impl Slot {
             metrics,
             config,
         }
+    }
+
+    fn breaker_name(&self) -> Option<&str> {
+        self.config.breaker.as_ref().map(|b| b.name.as_str())
+    }
+
+    /// The endpoints (indexes of the picker's list) whose breaker refuses calls now: closed
+    /// and probe-free half-open ones are not among them. One shared-data read per endpoint.
+    fn breaker_open(&self, table: &Table) -> Vec<usize> {
+        let Some(link) = &self.config.breaker else {
+            return Vec::new();
+        };
+        let mut now = None;
+        let mut open = Vec::new();
+        for (i, key) in table.breaker_keys.iter().enumerate() {
+            let state = match HostStore.get(key) {
+                Ok(found) => found.map(|(bytes, _)| bytes),
+                Err(_) => {
+                    self.metrics.shared_data_errors.increment(1);
+                    None
+                }
+            };
+            let Some(state) = state else {
+                continue;
+            };
+            let now = *now.get_or_insert_with(clock::now);
+            if !steering(Some(&state), now, link.half_open_probes).pickable() {
+                open.push(i);
+            }
+        }
+        open
     }
 
     /// For a `service` source, applies a newly published set. Never rebuilds per request: one
@@ -204,7 +243,7 @@ impl Slot {
                 m.set_updates.increment(1);
                 m.rebuilds.increment(rebuilt as u64);
                 table.missing_logged = false;
-                refresh_view(m, table);
+                refresh_view(m, table, self.breaker_name());
                 log::debug(
                     FILTER,
                     &format!(
@@ -243,19 +282,28 @@ impl Slot {
 
 /// Adds the picks counted in the VM to the host's counters.
 fn flush_picks(table: &mut Table) {
-    for (counter, n) in table.picks.iter().zip(table.pending.iter_mut()) {
-        if *n > 0 {
-            counter.increment(*n);
-            *n = 0;
-        }
+    for tally in &table.picks {
+        tally.flush();
     }
 }
 
-/// After the endpoints changed: per-endpoint counters, gauges, panic entry.
-fn refresh_view(metrics: &Metrics, table: &mut Table) {
+/// After the endpoints changed: per-endpoint counters, breaker keys, gauges, panic entry.
+fn refresh_view(metrics: &Metrics, table: &mut Table, breaker: Option<&str>) {
     flush_picks(table);
-    table.picks = metrics.pick_counters(&table.picker);
-    table.pending = vec![0; table.picks.len()];
+    table.picks = metrics
+        .pick_counters(&table.picker)
+        .into_iter()
+        .map(Tally::new)
+        .collect();
+    table.breaker_keys = match breaker {
+        Some(name) => table
+            .picker
+            .endpoints()
+            .iter()
+            .map(|e| host_state_key(name, &e.address))
+            .collect(),
+        None => Vec::new(),
+    };
     let endpoints = table.picker.endpoints();
     metrics.endpoints.set(endpoints.len() as u64);
     metrics
@@ -288,11 +336,9 @@ impl PickerRoot {
     fn new(stage: Stage) -> PickerRoot {
         // WASI randomness through std's hasher keys, mixed with the clock: sticky cookie values
         // and keyless picks differ between workers and restarts.
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u64(clock::now().as_nanos());
         PickerRoot {
             stage,
-            rng: Rc::new(RefCell::new(SeededRng::new(hasher.finish()))),
+            rng: Rc::new(RefCell::new(SeededRng::new(random::seed(0)))),
             filter: None,
         }
     }
@@ -310,16 +356,18 @@ impl RootContext for PickerRoot {
     }
 
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(config) = self.stage.load(FILTER, |bytes| {
-            validate(&config::parse::<FilterSpec>(bytes)?)
-        }) else {
+        let Some(config) = self.stage.load(FILTER, config::load::<FilterConfig>) else {
             return false;
         };
         let mut headers: Vec<String> = Vec::new();
         for p in &config.pickers {
-            for h in [Some(p.target.header()), p.endpoint_header.as_deref()]
-                .into_iter()
-                .flatten()
+            for h in [
+                Some(p.target.header()),
+                p.endpoint_header.as_deref(),
+                p.hosts_header.as_deref(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 if !headers.iter().any(|known| known == h) {
                     headers.push(h.to_string());
@@ -346,7 +394,7 @@ impl RootContext for PickerRoot {
         );
         let batch_picks = self.stage.set_tick_period(FLUSH_PERIOD);
         self.filter = Some(Rc::new(Filter {
-            reads_routes: slots.iter().any(|s| s.config.routes.is_some()),
+            reads_routes: routes::any_listed(&slots, |s| &s.config),
             slots,
             headers,
             batch_picks,
@@ -388,10 +436,7 @@ fn describe(slot: &Slot) -> String {
 /// Creates the in-flight table before traffic: Envoy's shared data cannot create a key "only
 /// if absent", so only writes to an existing key are exact compare-and-swaps.
 fn prepare_in_flight(slot: &Slot) {
-    let created = keel_core::store::update(&HostStore, &slot.in_flight_key, CAS_ATTEMPTS, |old| {
-        (old.is_none().then(|| InFlight::default().encode()), ())
-    });
-    if created.is_err() {
+    if store::ensure(&slot.in_flight_key, &InFlight::default().encode()).is_err() {
         log::warn(
             FILTER,
             &format!(
@@ -421,7 +466,7 @@ fn check_vm_id(picker: &str) {
 }
 
 fn remove_request_header(name: &str) {
-    let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, None);
+    request::remove_header(name);
 }
 
 struct PickerStream {
@@ -443,11 +488,7 @@ impl HttpContext for PickerStream {
         } else {
             None
         };
-        let Some((index, slot)) = filter
-            .slots
-            .iter()
-            .enumerate()
-            .find(|(_, s)| s.routes.matches(route.as_deref()))
+        let Some((index, slot)) = routes::first(&filter.slots, route.as_deref(), |s| &s.config)
         else {
             // No picker here: a client must not route itself through the headers we set.
             for h in &filter.headers {
@@ -470,7 +511,20 @@ impl HttpContext for PickerStream {
             slot.metrics.cookies_set.increment(1);
         }
         self.set_cookie = key.set_cookie;
+        let open = slot.breaker_open(&table);
+        if !open.is_empty() {
+            slot.metrics.breaker_avoided.increment(1);
+        }
+        let blocked = table.picker.block(&open);
         let pick = self.pick(index, slot, &mut table, key.hash, &mut rng);
+        // The failover order for the retry filter, with the same hosts blocked (only when it
+        // is handed on).
+        let hand_off = slot.config.hosts_property || slot.config.hosts_header.is_some();
+        let preference = match pick {
+            Pick::Host(i) if hand_off => table.picker.preference(i, key.hash, MAX_HOSTS),
+            _ => Vec::new(),
+        };
+        table.picker.unblock(blocked);
         let picked = match pick {
             Pick::Host(i) => table.picker.endpoints().get(i).map(|e| (i, e)),
             Pick::NoHost => None,
@@ -495,15 +549,29 @@ impl HttpContext for PickerStream {
             slot.config.target.header(),
             slot.config.target.value(endpoint),
         );
+        if hand_off {
+            let endpoints = table.picker.endpoints();
+            let hosts = encode_hosts(
+                preference
+                    .iter()
+                    .filter_map(|&j| endpoints.get(j))
+                    .map(|e| e.address.as_str()),
+            );
+            // The retry filter's hand-off (docs/config/picker.md): the stream's filter state,
+            // unless configured off (no keel.retry follows the picker).
+            if slot.config.hosts_property {
+                request::set_property(&[HOSTS_PROPERTY], hosts.as_bytes());
+            }
+            // Envoy's override_host policy reads the same list from a request header.
+            if let Some(h) = &slot.config.hosts_header {
+                request::set_header(h, &hosts);
+            }
+        }
         if let Some(h) = &slot.config.endpoint_header {
             request::set_header(h, &endpoint.address);
         }
-        if filter.batch_picks {
-            if let Some(n) = table.pending.get_mut(i) {
-                *n += 1;
-            }
-        } else if let Some(c) = table.picks.get(i) {
-            c.increment(1);
+        if let Some(tally) = table.picks.get(i) {
+            tally.count(1, filter.batch_picks);
         }
         if table.in_panic && table.picker.in_panic_at(i) {
             slot.metrics.panic_picks.increment(1);

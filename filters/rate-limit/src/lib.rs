@@ -23,22 +23,25 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use keel_core::limit::headers::{self, push_decimal};
-use keel_core::limit::policy::{self, MissingKey, RateLimitPolicy, RateLimitSpec};
-use keel_core::limit::{fingerprint, Decision, Limiter};
+mod fleet;
+
+use keel_core::config;
+use keel_core::limit::policy::RateLimitPolicy;
+use keel_core::limit::request::{bucket_key, refusal, tier_fingerprint, BucketKey, Label, Refused};
+use keel_core::limit::{Decision, Limiter};
+use keel_core::routes::{self, Routed};
 use keel_core::time::{Duration, Instant};
-use keel_proxy::metrics::Counter;
+use keel_proxy::metrics::{Family, Tally};
 use keel_proxy::reply::LocalReply;
-use keel_proxy::routes::RouteMatch;
 use keel_proxy::stage::Stage;
 use keel_proxy::store::HostStore;
-use keel_proxy::{clock, config, log, request, store, stream};
+use keel_proxy::{clock, log, request, store, stream};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-const FILTER: &str = "rate-limit";
+pub(crate) const FILTER: &str = "rate-limit";
 /// How often a root context with parked requests wakes up to resume them.
-const TICK: std::time::Duration = std::time::Duration::from_millis(5);
+pub(crate) const TICK: std::time::Duration = std::time::Duration::from_millis(5);
 /// How long a counted request may wait before its count reaches the host's counters.
 const FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -64,7 +67,7 @@ pub fn root(context_id: u32) -> Box<dyn RootContext> {
 
 /// What a policy counts: `keel.rate_limit.<policy>.<what>`.
 #[derive(Clone, Copy)]
-enum Count {
+pub(crate) enum Count {
     Allowed = 0,
     Limited = 1,
     Delayed = 2,
@@ -74,77 +77,49 @@ enum Count {
 /// The metric names of [`Count`], in its order.
 const COUNTS: [&str; 4] = ["allowed", "limited", "delayed", "failed_open"];
 
-/// How a policy names one of its limiters to a client, computed once.
-struct Label {
-    /// `policy` or `policy.tier`: the name in the `RateLimit` headers.
-    name: String,
-    /// The `RateLimit-Policy` value.
-    policy: String,
-}
-
 /// A policy with what the glue needs beside it.
-struct Policy {
-    rules: RateLimitPolicy,
-    routes: RouteMatch,
-    prefix: String,
+pub(crate) struct Policy {
+    pub(crate) rules: RateLimitPolicy,
+    pub(crate) prefix: String,
+    /// A fleet-wide policy's glue.
+    pub(crate) fleet: Option<fleet::FleetGlue>,
     /// One per limiter, by `RateLimitPolicy::limiter_index`.
     labels: Vec<Label>,
-    counters: [Counter; 4],
-    /// Counts not yet added to `counters`.
-    pending: [Cell<u64>; 4],
+    /// Tallied in the VM, added to the host's counters on the tick.
+    counts: [Tally; 4],
 }
 
 impl Policy {
     fn new(rules: RateLimitPolicy) -> Policy {
-        let metric = |what: &str| {
-            let mut name = String::with_capacity(24 + rules.name.len());
-            name.push_str("keel.rate_limit.");
-            name.push_str(&rules.name);
-            name.push('.');
-            name.push_str(what);
-            Counter::define(&name)
-        };
-        let labels = (0..rules.limiter_count())
-            .map(|i| {
-                let (tier, limiter) = rules.limiter_at(i);
-                let mut name = rules.name.clone();
-                if !tier.is_empty() {
-                    name.push('.');
-                    name.push_str(tier);
-                }
-                Label {
-                    policy: headers::policy(&name, &limiter.rate()),
-                    name,
-                }
-            })
-            .collect();
+        let family = Family::new("rate_limit", &rules.name);
+        let metric = |what: &str| Tally::new(family.counter(what));
+        let labels = Label::all(&rules);
+        let fleet = rules.fleet.clone().map(|limit| {
+            let limiters: Vec<&Limiter> = (0..rules.limiter_count())
+                .map(|i| rules.limiter_at(i).1)
+                .collect();
+            fleet::FleetGlue::new(limit, &limiters, &rules.name)
+        });
         Policy {
-            routes: RouteMatch::new(rules.routes.clone()),
             prefix: rules.key_prefix(),
+            fleet,
             labels,
-            counters: COUNTS.map(metric),
-            pending: Default::default(),
+            counts: COUNTS.map(metric),
             rules,
         }
     }
 
+    /// The fingerprint of `key`'s bucket under the limiter at `index`.
+    fn fingerprint(&self, index: usize, key: &[u8]) -> u64 {
+        let (tier, _) = self.rules.limiter_at(index);
+        tier_fingerprint(tier, key)
+    }
+
     /// Applies one request of `key` with the limiter at `index` to this policy's table. `None`
     /// when the shared data could not be updated: the policy fails open and counts it.
-    fn acquire(
-        &self,
-        index: usize,
-        key: &[u8],
-        now: Instant,
-        ticker: &Ticker,
-    ) -> Option<(Decision, &Limiter)> {
-        let (tier, limiter) = self.rules.limiter_at(index);
-        // The tier is part of the key: a client that changes plan starts a fresh bucket. The NUL
-        // separator cannot appear in a header value.
-        let mut joined = Vec::with_capacity(tier.len() + 1 + key.len());
-        joined.extend_from_slice(tier.as_bytes());
-        joined.push(0);
-        joined.extend_from_slice(key);
-        let fp = fingerprint(&joined);
+    fn acquire(&self, index: usize, key: &[u8], now: Instant, ticker: &Ticker) -> Option<Decision> {
+        let (_, limiter) = self.rules.limiter_at(index);
+        let fp = self.fingerprint(index, key);
         let decision = self.rules.table.acquire_fingerprint(
             &HostStore,
             &self.prefix,
@@ -156,7 +131,7 @@ impl Policy {
             store::CAS_ATTEMPTS,
         );
         match decision {
-            Ok(decision) => Some((decision, limiter)),
+            Ok(decision) => Some(decision),
             Err(_) => {
                 self.count(Count::FailedOpen, ticker);
                 None
@@ -166,9 +141,8 @@ impl Policy {
 
     /// Counts one `what`, to be added to the host's counter by the next tick (at once on a
     /// host without ticks).
-    fn count(&self, what: Count, ticker: &Ticker) {
-        let cell = &self.pending[what as usize];
-        cell.set(cell.get().saturating_add(1));
+    pub(crate) fn count(&self, what: Count, ticker: &Ticker) {
+        self.counts[what as usize].add(1);
         if !ticker.flush_soon() {
             self.flush();
         }
@@ -176,15 +150,9 @@ impl Policy {
 
     /// Adds the pending counts to the host's counters; whether there were any.
     fn flush(&self) -> bool {
-        let mut any = false;
-        for (cell, counter) in self.pending.iter().zip(&self.counters) {
-            let n = cell.take();
-            if n > 0 {
-                counter.increment(n);
-                any = true;
-            }
-        }
-        any
+        self.counts
+            .iter()
+            .fold(false, |any, tally| tally.flush() | any)
     }
 
     /// The label of the limiter at `index`.
@@ -203,6 +171,8 @@ enum Period {
     Flush,
     /// Every [`TICK`]: requests parked.
     Park,
+    /// Every refill period of the fleet-wide policies: the refresher's tick.
+    Fleet,
     /// The host refused a tick period.
     Unavailable,
 }
@@ -210,18 +180,22 @@ enum Period {
 /// The root context's tick and the requests waiting for it, shared with its streams. It
 /// outlives a reconfiguration: requests parked under the old policies are still resumed.
 #[derive(Default)]
-struct Ticker {
+pub(crate) struct Ticker {
     /// What runs the filter: it sets the tick and resumes parked requests.
-    stage: Stage,
+    pub(crate) stage: Stage,
     period: Cell<Period>,
     parked: RefCell<Vec<(u32, Instant)>>,
+    /// The refill period of the fleet-wide policies, if any.
+    fleet_every: Cell<Option<Duration>>,
+    /// This VM's calls to the fleet store and the requests waiting for them.
+    pub(crate) fleet: fleet::FleetVm,
 }
 
 impl Ticker {
     /// Makes sure a tick comes to flush counts; false when the host has no ticks.
     fn flush_soon(&self) -> bool {
         match self.period.get() {
-            Period::Flush | Period::Park => true,
+            Period::Flush | Period::Park | Period::Fleet => true,
             Period::Unavailable => false,
             Period::Off => self.set(Period::Flush),
         }
@@ -232,12 +206,22 @@ impl Ticker {
         let every = match period {
             Period::Flush => FLUSH,
             Period::Park => TICK,
+            Period::Fleet => self
+                .fleet_every
+                .get()
+                .map(|d| std::time::Duration::from_nanos(d.as_nanos()))
+                .unwrap_or(FLUSH),
             Period::Off | Period::Unavailable => std::time::Duration::ZERO,
         };
         let set = self.stage.set_tick_period(every);
         self.period
             .set(if set { period } else { Period::Unavailable });
         set
+    }
+
+    /// Makes the tick run every [`TICK`] (requests wait); false when the host has no ticks.
+    pub(crate) fn wake(&self) -> bool {
+        self.period.get() == Period::Park || self.set(Period::Park)
     }
 
     /// Parks stream `context` until `until`; false when the host cannot tick to resume it.
@@ -257,10 +241,12 @@ impl Ticker {
 
 /// The validated configuration with what the glue computed from it.
 #[derive(Default)]
-struct Policies {
-    list: Vec<Policy>,
+pub(crate) struct Policies {
+    pub(crate) list: Vec<Policy>,
     /// Whether any policy lists routes: only then is the route name read.
     by_route: bool,
+    /// The shortest refill period of the lease-mode fleet-wide policies.
+    pub(crate) fleet_refill: Option<Duration>,
 }
 
 impl Policies {
@@ -280,6 +266,16 @@ struct RateLimitRoot {
 }
 
 impl Context for RateLimitRoot {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        fleet::answer(&self.ticker, token_id, num_headers, body_size);
+    }
+
     fn on_done(&mut self) -> bool {
         self.policies.flush();
         true
@@ -288,14 +284,28 @@ impl Context for RateLimitRoot {
 
 impl RootContext for RateLimitRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(rules) = self.stage.load(FILTER, |bytes| {
-            policy::validate(&config::parse::<RateLimitSpec>(bytes)?)
-        }) else {
+        let Some(rules) = self
+            .stage
+            .load(FILTER, config::load::<Vec<RateLimitPolicy>>)
+        else {
             return false;
         };
         let list: Vec<Policy> = rules.into_iter().map(Policy::new).collect();
-        let by_route = list.iter().any(|p| p.rules.routes.is_some());
-        let replaced = std::mem::replace(&mut self.policies, Rc::new(Policies { list, by_route }));
+        let by_route = routes::any_listed(&list, |p| &p.rules);
+        let fleet_refill = list
+            .iter()
+            .filter_map(|p| p.fleet.as_ref())
+            .filter(|f| f.limit.mode == keel_core::limit::fleet::FleetMode::Lease)
+            .map(|f| f.limit.refill)
+            .min();
+        let replaced = std::mem::replace(
+            &mut self.policies,
+            Rc::new(Policies {
+                list,
+                by_route,
+                fleet_refill,
+            }),
+        );
         replaced.flush();
         if Rc::strong_count(&replaced) > 1 {
             self.retired.push(replaced);
@@ -308,6 +318,14 @@ impl RootContext for RateLimitRoot {
             if let Err(e) = policy.rules.table.prepare(&HostStore, &policy.prefix) {
                 log::warn(FILTER, &format!("policy {name}: could not create its slots in shared data ({e:?}); limits may be approximate"));
             }
+            if policy.fleet.is_some() {
+                let table = &policy.rules.table;
+                if let Err(e) =
+                    keel_core::limit::fleet::process::prepare(&HostStore, &policy.prefix, table)
+                {
+                    log::warn(FILTER, &format!("policy {name}: could not create its lease slots in shared data ({e:?}); limits may be approximate"));
+                }
+            }
             if !names.is_empty() {
                 names.push_str(", ");
             }
@@ -315,6 +333,10 @@ impl RootContext for RateLimitRoot {
         }
         names.insert_str(0, "configured policies: ");
         log::info(FILTER, &names);
+        self.ticker.fleet_every.set(fleet_refill);
+        if fleet_refill.is_some() && self.ticker.period.get() != Period::Park {
+            self.ticker.set(Period::Fleet);
+        }
         true
     }
 
@@ -325,6 +347,9 @@ impl RootContext for RateLimitRoot {
             Rc::strong_count(old) > 1
         });
         let ticker = &self.ticker;
+        if ticker.fleet_every.get().is_some() || ticker.fleet.has_waiters() {
+            fleet::tick(ticker, &self.policies, clock::now());
+        }
         // Never borrowed elsewhere during a tick; were it, the parked requests wait a tick.
         let Ok(mut parked) = ticker.parked.try_borrow_mut() else {
             return;
@@ -345,14 +370,14 @@ impl RootContext for RateLimitRoot {
         // Resumed once the list is let go: in a pipeline, resuming runs the later stages.
         for context in due {
             // A stream that ended while parked is gone: the host refuses to switch to it.
-            if stream::switch_to(context) {
-                ticker.stage.resume_request(context);
-            }
+            ticker.stage.resume_request(context);
         }
         // Tick while there is something to do: parked requests, or counts coming in (a tick
         // that found none stops the ticks until the next count).
-        let next = if waiting {
+        let next = if waiting || ticker.fleet.has_waiters() {
             Period::Park
+        } else if ticker.fleet_every.get().is_some() {
+            Period::Fleet
         } else if flushed {
             Period::Flush
         } else {
@@ -365,10 +390,14 @@ impl RootContext for RateLimitRoot {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(RateLimitStream {
-            context_id,
-            policies: Rc::clone(&self.policies),
+            flow: Rc::new(Flow {
+                context_id,
+                policies: Rc::clone(&self.policies),
+                response_headers: Cell::new(None),
+                more_response_headers: RefCell::new(Vec::new()),
+                delay: Cell::new(Duration::ZERO),
+            }),
             ticker: Rc::clone(&self.ticker),
-            response_headers: Vec::new(),
         }))
     }
 
@@ -378,6 +407,7 @@ impl RootContext for RateLimitRoot {
 }
 
 /// The `RateLimit` headers one policy owes the response, formatted only when it comes.
+#[derive(Clone, Copy)]
 struct Owed {
     policy: usize,
     label: usize,
@@ -385,96 +415,207 @@ struct Owed {
     reset: Duration,
 }
 
-struct RateLimitStream {
+/// One request's way through the policies, shared by its stream and, while it waits for the
+/// fleet store, the root context's tick and the store's answer.
+pub(crate) struct Flow {
     context_id: u32,
-    policies: Rc<Policies>,
-    ticker: Rc<Ticker>,
-    /// One per applied policy that sends `RateLimit` headers.
-    response_headers: Vec<Owed>,
+    pub(crate) policies: Rc<Policies>,
+    /// One per applied policy that sends `RateLimit` headers: the first in place (no
+    /// allocation for the usual one policy), the others after it.
+    response_headers: Cell<Option<Owed>>,
+    more_response_headers: RefCell<Vec<Owed>>,
+    /// The longest shaping delay owed so far.
+    delay: Cell<Duration>,
 }
 
-impl Context for RateLimitStream {}
+impl Flow {
+    fn owe(&self, at: usize, index: usize, remaining: u64, reset: Duration) {
+        let sends = self
+            .policies
+            .list
+            .get(at)
+            .is_some_and(|p| p.rules.response_headers);
+        if !sends {
+            return;
+        }
+        let owed = Owed {
+            policy: at,
+            label: index,
+            remaining,
+            reset,
+        };
+        if self.response_headers.get().is_none() {
+            self.response_headers.set(Some(owed));
+        } else if let Ok(mut more) = self.more_response_headers.try_borrow_mut() {
+            more.push(owed);
+        }
+    }
+}
+
+/// Where a request stands after the policies from some index on.
+pub(crate) enum Step {
+    /// Every policy let it through: go on.
+    Continue,
+    /// Refused (the reply is sent), held by shaping, or waiting for the fleet store.
+    Pause,
+}
+
+/// Applies the policies from `from` on to the request of `flow` (the effective context).
+fn run(flow: &Rc<Flow>, ticker: &Ticker, from: usize) -> Step {
+    let now = clock::now();
+    let policies = Rc::clone(&flow.policies);
+    // Reading a property is one of the dearer host calls: only when a policy needs it.
+    let route = if policies.by_route {
+        request::route_name()
+    } else {
+        None
+    };
+    for (at, policy) in policies.list.iter().enumerate().skip(from) {
+        if !policy.rules.applies_to(route.as_deref()) {
+            continue;
+        }
+        let rules = &policy.rules;
+        let key = match bucket_key(request::key(&rules.key), rules.missing_key) {
+            BucketKey::Key(key) => key,
+            BucketKey::Skip => continue,
+            BucketKey::Refuse => {
+                policy.count(Count::Limited, ticker);
+                deny(policy, None);
+                return Step::Pause;
+            }
+        };
+        let index = match &rules.tiers {
+            Some(tiers) => rules.limiter_index(request::key(&tiers.selector).as_deref()),
+            None => 0,
+        };
+        if policy.fleet.is_some() {
+            let fp = policy.fingerprint(index, &key);
+            match fleet::decide(&policies, at, index, fp, flow, ticker, now) {
+                fleet::FleetStep::Wait => return Step::Pause,
+                step => {
+                    if settle(flow, ticker, at, index, step) {
+                        continue;
+                    }
+                    return Step::Pause;
+                }
+            }
+        }
+        let Some(decision) = policy.acquire(index, &key, now, ticker) else {
+            continue;
+        };
+        let (remaining, reset) = match decision {
+            Decision::Allow { remaining, reset } => {
+                policy.count(Count::Allowed, ticker);
+                (remaining, reset)
+            }
+            Decision::Delay { wait, reset } => {
+                policy.count(Count::Delayed, ticker);
+                flow.delay.set(flow.delay.get().max(wait));
+                (0, reset)
+            }
+            Decision::Deny { retry_after, reset } => {
+                policy.count(Count::Limited, ticker);
+                deny_at(policy, index, retry_after, reset);
+                return Step::Pause;
+            }
+        };
+        flow.owe(at, index, remaining, reset);
+    }
+    let delay = flow.delay.replace(Duration::ZERO);
+    if delay.is_zero() {
+        return Step::Continue;
+    }
+    if !ticker.park(flow.context_id, now.saturating_add(delay)) {
+        log::warn(
+            FILTER,
+            "the host cannot set a tick period; not delaying the request",
+        );
+        return Step::Continue;
+    }
+    Step::Pause
+}
+
+/// Counts a fleet-wide policy's decision and owes its headers or sends its refusal; whether
+/// the request goes on.
+fn settle(flow: &Flow, ticker: &Ticker, at: usize, index: usize, step: fleet::FleetStep) -> bool {
+    let Some(policy) = flow.policies.list.get(at) else {
+        return true;
+    };
+    match step {
+        fleet::FleetStep::Admit { remaining, reset } => {
+            policy.count(Count::Allowed, ticker);
+            flow.owe(at, index, remaining, reset);
+            true
+        }
+        fleet::FleetStep::Deny { retry_after, reset } => {
+            policy.count(Count::Limited, ticker);
+            deny_at(policy, index, retry_after, reset);
+            false
+        }
+        fleet::FleetStep::Wait => false,
+    }
+}
+
+/// A request that waited for the fleet store got its answer (`step`) for the policy at `at`:
+/// the policies after it run, and the request goes on if they all let it.
+pub(crate) fn resolve(
+    flow: &Rc<Flow>,
+    ticker: &Ticker,
+    at: usize,
+    index: usize,
+    step: fleet::FleetStep,
+) {
+    // A stream that ended while waiting is gone: the host refuses to switch to it.
+    if !stream::switch_to(flow.context_id) {
+        return;
+    }
+    if !settle(flow, ticker, at, index, step) {
+        return;
+    }
+    if let Step::Continue = run(flow, ticker, at + 1) {
+        ticker.stage.resume_request(flow.context_id);
+    }
+}
+
+struct RateLimitStream {
+    flow: Rc<Flow>,
+    ticker: Rc<Ticker>,
+}
+
+impl Context for RateLimitStream {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        fleet::answer(&self.ticker, token_id, num_headers, body_size);
+    }
+}
 
 impl HttpContext for RateLimitStream {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let now = clock::now();
-        let policies = Rc::clone(&self.policies);
-        let ticker = &*self.ticker;
-        // Reading a property is one of the dearer host calls: only when a policy needs it.
-        let route = if policies.by_route {
-            request::route_name()
-        } else {
-            None
-        };
-        let mut delay = Duration::ZERO;
-        for (at, policy) in policies.list.iter().enumerate() {
-            if !policy.routes.matches(route.as_deref()) {
-                continue;
-            }
-            let rules = &policy.rules;
-            let key = match request::key(&rules.key) {
-                Some(key) => key,
-                None => match rules.missing_key {
-                    MissingKey::Allow => continue,
-                    // One shared bucket for every keyless request; the NUL cannot come from a
-                    // header value, so no client can name this bucket.
-                    MissingKey::Shared => b"\0missing".to_vec(),
-                    MissingKey::Deny => {
-                        policy.count(Count::Limited, ticker);
-                        deny(policy, None);
-                        return Action::Pause;
-                    }
-                },
-            };
-            let index = match &rules.tiers {
-                Some(tiers) => rules.limiter_index(request::key(&tiers.selector).as_deref()),
-                None => 0,
-            };
-            let Some((decision, limiter)) = policy.acquire(index, &key, now, ticker) else {
-                continue;
-            };
-            let (remaining, reset) = match decision {
-                Decision::Allow { remaining, reset } => {
-                    policy.count(Count::Allowed, ticker);
-                    (remaining, reset)
-                }
-                Decision::Delay { wait, reset } => {
-                    policy.count(Count::Delayed, ticker);
-                    delay = delay.max(wait);
-                    (0, reset)
-                }
-                Decision::Deny { retry_after, reset } => {
-                    policy.count(Count::Limited, ticker);
-                    let label = policy.label(index);
-                    deny(policy, Some((label, limiter, retry_after, reset)));
-                    return Action::Pause;
-                }
-            };
-            if rules.response_headers {
-                self.response_headers.push(Owed {
-                    policy: at,
-                    label: index,
-                    remaining,
-                    reset,
-                });
-            }
+        match run(&self.flow, &self.ticker, 0) {
+            Step::Continue => Action::Continue,
+            Step::Pause => Action::Pause,
         }
-        if delay.is_zero() {
-            return Action::Continue;
-        }
-        if !ticker.park(self.context_id, now.saturating_add(delay)) {
-            log::warn(
-                FILTER,
-                "the host cannot set a tick period; not delaying the request",
-            );
-            return Action::Continue;
-        }
-        Action::Pause
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        for owed in &self.response_headers {
+        let Some(first) = self.flow.response_headers.get() else {
+            return Action::Continue;
+        };
+        // Empty (no allocation) unless several policies owe headers.
+        let more = self
+            .flow
+            .more_response_headers
+            .try_borrow()
+            .map(|more| more.clone())
+            .unwrap_or_default();
+        for owed in std::iter::once(first).chain(more) {
             let Some(label) = self
+                .flow
                 .policies
                 .list
                 .get(owed.policy)
@@ -482,48 +623,41 @@ impl HttpContext for RateLimitStream {
             else {
                 continue;
             };
-            request::add_response_header("ratelimit-policy", &label.policy);
-            request::add_response_header(
-                "ratelimit",
-                &rate_limit(&label.name, owed.remaining, owed.reset),
-            );
+            for (name, value) in label.response_headers(owed.remaining, owed.reset) {
+                request::add_response_header(name, &value);
+            }
         }
         Action::Continue
     }
 }
 
-/// The `RateLimit` value of `label`: [`headers::remaining`].
-fn rate_limit(label: &str, remaining: u64, reset: Duration) -> String {
-    headers::remaining(label, remaining, reset)
+/// Sends the refusal of the limiter at `index` of `policy`.
+fn deny_at(policy: &Policy, index: usize, retry_after: Duration, reset: Duration) {
+    let computed;
+    let label = match policy.label(index) {
+        Some(label) => label,
+        None => {
+            computed = Label::of(&policy.rules, index);
+            &computed
+        }
+    };
+    deny(
+        policy,
+        Some(Refused {
+            label,
+            retry_after,
+            reset,
+        }),
+    );
 }
 
 /// Sends the policy's refusal. `limit` is absent when the request was refused for having no key.
-fn deny(policy: &Policy, limit: Option<(Option<&Label>, &Limiter, Duration, Duration)>) {
-    let reply = &policy.rules.deny;
-    let mut headers_out: Vec<(String, String)> = Vec::with_capacity(4 + reply.headers.len());
-    headers_out.push((
-        "content-type".to_string(),
-        "text/plain; charset=utf-8".to_string(),
-    ));
-    if let Some((label, limiter, retry_after, reset)) = limit {
-        let mut seconds = String::new();
-        push_decimal(&mut seconds, headers::retry_after_secs(retry_after));
-        headers_out.push(("retry-after".into(), seconds));
-        let (name, policy_value) = match label {
-            Some(label) => (label.name.as_str(), label.policy.clone()),
-            None => (
-                policy.rules.name.as_str(),
-                headers::policy(&policy.rules.name, &limiter.rate()),
-            ),
-        };
-        headers_out.push(("ratelimit-policy".into(), policy_value));
-        headers_out.push(("ratelimit".into(), rate_limit(name, 0, reset)));
-    }
-    headers_out.extend(reply.headers.iter().cloned());
+fn deny(policy: &Policy, limit: Option<Refused<'_>>) {
+    let reply = refusal(&policy.rules.deny, limit);
     LocalReply {
-        status: reply.status,
-        headers: headers_out,
-        body: reply.body.as_bytes().to_vec(),
+        status: u32::from(reply.status),
+        headers: reply.headers,
+        body: reply.body,
     }
     .send();
 }

@@ -3,9 +3,12 @@
 //! proxy-wasm host with HTTP callouts and ticks.
 //!
 //! The glue is thin: `keel_core::retry` decides (eligibility, outcome, attempt plan, backoff,
-//! budget); this file copies what a replay needs, holds the response that asked for a retry,
-//! sends the next attempts as callouts when the root context's tick says they are due, and
-//! answers with the last one. Configuration reference: `docs/config/retry.md`.
+//! budget), and each tracked stream's `keel_core::retry::Session` is the state machine that
+//! keeps the replay, the phase and the best answer so far and says what to do next; this file
+//! reads what the host says, hands it to the session, and carries out its steps: holds the
+//! response that asked for a retry, sends the next attempts as callouts when the root context's
+//! tick says they are due, and answers with the session's answer. Configuration reference:
+//! `docs/config/retry.md`.
 //!
 //! # One request's way
 //!
@@ -39,27 +42,28 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use keel_core::config::ConfigError;
+use keel_core::breaker::steer::{host_state_key, steering, Steering};
+use keel_core::config;
+use keel_core::hash::failover::{decode_hosts, HOSTS_PROPERTY};
 use keel_core::rand::SeededRng;
-use keel_core::retry::attempt::{
-    callout_failure, handed_on_response_header, replayed_request_header, router_failure,
+use keel_core::retry::attempt::{encode_router_attempt, router_failure, ROUTER_ATTEMPT_PROPERTY};
+use keel_core::retry::session::{
+    reads_failure, reads_pushback, Answer, AnswerStep, Ending, Failover, Next, ResponseRole,
+    RouterAnswer, RouterStep, Start, Stop, Unusable, MAX_ANSWER_BODY,
 };
-use keel_core::retry::{
-    AttemptPlan, FirstAttempt, GiveUpReason, Outcome, Response, RetryConfig, RetryDecision,
-    RetryPolicy,
-};
-use keel_core::time::{Duration, Instant};
-use keel_proxy::metrics::Counter;
+use keel_core::retry::{GiveUpReason, RetryConfig, RetryPolicy, Session};
+use keel_core::routes;
+use keel_core::store::SharedStore;
+use keel_core::time::Instant;
+use keel_proxy::metrics::{Counter, Family};
 use keel_proxy::reply::LocalReply;
 use keel_proxy::stage::Stage;
-use keel_proxy::store::HostStore;
-use keel_proxy::{clock, http_call, log, request, response, routing, stream};
+use keel_proxy::store::{self, HostStore};
+use keel_proxy::{clock, http_call, log, random, request, response, routing, stream};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 const FILTER: &str = "retry";
-/// The largest answer body the filter holds to hand on to a client.
-const MAX_ANSWER_BODY: usize = 16 * 1024 * 1024;
 
 /// The filter's root context for the root context `context_id`, run by `stage`: an Envoy
 /// filter of its own (see [`root`]) or a stage of Keel's pipeline (root_id `pipeline` in
@@ -89,12 +93,15 @@ struct Metrics {
     abandoned: Counter,
     callout_refused: Counter,
     store_errors: Counter,
+    failovers: Counter,
+    hosts_exhausted: Counter,
     attempts: [Counter; 5],
 }
 
 impl Metrics {
     fn define(policy: &str) -> Metrics {
-        let metric = |what: &str| Counter::define(&format!("keel.retry.{policy}.{what}"));
+        let family = Family::new("retry", policy);
+        let metric = |what: &str| family.counter(what);
         Metrics {
             requests: metric("requests"),
             ineligible: metric("ineligible"),
@@ -107,6 +114,8 @@ impl Metrics {
             abandoned: metric("abandoned"),
             callout_refused: metric("callout_refused"),
             store_errors: metric("store_errors"),
+            failovers: metric("failovers"),
+            hosts_exhausted: metric("hosts_exhausted"),
             attempts: [1, 2, 3, 4, 5].map(|n| metric(&format!("attempts_{n}"))),
         }
     }
@@ -140,55 +149,36 @@ struct Policy {
     metrics: Metrics,
 }
 
-/// An attempt's response, kept to be handed on.
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
+impl Policy {
+    /// Takes a retry from the budget at `now`; an error refuses it (fail closed: contention on
+    /// the budget is a sign of a storm).
+    fn withdraw(&self, now: Instant) -> bool {
+        let budget = self.rules.budget();
+        store::update(&self.budget_key, &self.metrics.store_errors, |old| {
+            budget.withdraw_bytes(old, now)
+        })
+        .unwrap_or(false)
+    }
 
-/// The best response so far, what the client gets if no later attempt brings one.
-enum Last {
-    /// Nothing was sent yet (`first_attempt: "callout"`): the router may still take the request.
-    Nothing,
-    /// Attempts were sent and none answered (failed callouts).
-    Failed,
-    /// The router's response, held in the host.
-    Held,
-    /// A callout's answer.
-    Answer(Answer),
-}
-
-/// Where a tracked stream stands.
-enum Phase {
-    /// The router's attempt is under way.
-    FirstAttempt,
-    /// The next attempt goes at `due`.
-    Waiting { due: Instant, last: Last },
-    /// An attempt is out as a callout.
-    InFlight {
-        sent: Instant,
-        timeout: Duration,
-        last: Last,
-    },
-    /// The filter answered; its own reply may still pass through the stream.
-    Answered,
-}
-
-/// What a replayed attempt sends.
-struct Replay {
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    complete: bool,
+    /// Whether the host `host`'s breaker (if the policy names one) refuses a retry at `now`.
+    fn skips(&self, host: &str, now: Instant) -> bool {
+        let Some(name) = self.rules.breaker() else {
+            return false;
+        };
+        let state = HostStore
+            .get(&host_state_key(name, host))
+            .ok()
+            .flatten()
+            .map(|(bytes, _)| bytes);
+        // Retries bypass the breaker filter: only a closed breaker's host takes one.
+        steering(state.as_deref(), now, u16::MAX) != Steering::Closed
+    }
 }
 
 /// An eligible request the filter looks after.
 struct Tracked {
     policy: usize,
-    plan: AttemptPlan,
-    replay: Replay,
-    cluster: Option<String>,
-    phase: Phase,
+    session: Session,
 }
 
 /// The retry state of one worker: the policies, and every eligible stream still under way.
@@ -221,18 +211,12 @@ impl Retrier {
     }
 
     fn configure(&mut self) -> bool {
-        let Some(retry) = self.stage.load(FILTER, |bytes| {
-            let text = std::str::from_utf8(bytes)
-                .map_err(|_| ConfigError::new("", "the plugin configuration is not UTF-8"))?;
-            RetryConfig::from_json(text)
-        }) else {
+        let Some(retry) = self.stage.load(FILTER, config::load::<RetryConfig>) else {
             return false;
         };
         let now = clock::now();
         // Jitter must differ between workers and restarts, or their retries would line up.
-        self.rng = SeededRng::new(
-            now.as_nanos() ^ u64::from(self.root_id).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+        self.rng = SeededRng::new(random::seed(u64::from(self.root_id)));
         self.policies = retry
             .policies()
             .iter()
@@ -242,11 +226,15 @@ impl Retrier {
                 rules: rules.clone(),
             })
             .collect();
-        // Create each budget before traffic: the host writes a key that does not exist yet
-        // unconditionally, so only writes to an existing key are exact compare-and-swaps.
+        // Create each budget before traffic (or replace one of another shape): the host writes
+        // a key that does not exist yet unconditionally, so only writes to an existing key are
+        // exact compare-and-swaps.
         for policy in &self.policies {
             let budget = policy.rules.budget();
-            if let Err(e) = budget.ensure_shared(&HostStore, &policy.budget_key, now) {
+            let made = store::update(&policy.budget_key, &policy.metrics.store_errors, |old| {
+                (budget.ensure_bytes(old, now), ())
+            });
+            if let Err(e) = made {
                 log::warn(
                     FILTER,
                     &format!(
@@ -282,87 +270,56 @@ impl Retrier {
     fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action {
         let now = clock::now();
         let route = routing::route_name();
-        let Some((index, policy)) = self
-            .policies
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.rules.applies_to(route.as_deref()))
+        let Some((index, policy)) = routes::first(&self.policies, route.as_deref(), |p| &p.rules)
         else {
             return Action::Continue;
         };
         let rules = &policy.rules;
         policy.metrics.requests.increment(1);
-        let headers = stream::request_headers();
-        let find = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .and_then(|(_, v)| std::str::from_utf8(v).ok())
-        };
-        let declared = find("content-length")
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        let eligibility = rules.eligibility(
-            find(":method").unwrap_or(""),
-            find(rules.idempotency_key_header()),
-            declared,
+        let start = Session::start(
+            rules,
+            stream::request_headers(),
+            end_of_stream,
+            now,
+            routing::cluster_name,
         );
-        let replayed = eligibility
-            .is_eligible()
-            .then(|| replayable(headers))
-            .flatten();
-        let Some(replayed) = replayed else {
-            policy.metrics.ineligible.increment(1);
-            return Action::Continue;
-        };
-        let callout = rules.first_attempt() == FirstAttempt::Callout;
-        // Envoy turns a Pause in `on_http_request_headers` into StopAllIterationAndWatermark: a
-        // paused request's body never reaches the filter. So the whole request must be in the
-        // headers for the filter to send it itself.
-        if callout && !end_of_stream {
-            policy.metrics.ineligible.increment(1);
-            return Action::Continue;
-        }
-        let cluster = rules.cluster().map(str::to_string).or_else(|| {
-            if callout {
-                route_cluster()
-            } else {
-                None
+        let mut session = match start {
+            Start::Track(session) => session,
+            Start::Ineligible => {
+                policy.metrics.ineligible.increment(1);
+                return Action::Continue;
             }
+            Start::NoCluster => {
+                self.warn_once(
+                    "no cluster to send attempts to (set \"cluster\"); requests go through the router unretried",
+                );
+                return Action::Continue;
+            }
+        };
+        let budget = rules.budget();
+        let _ = store::update(&policy.budget_key, &policy.metrics.store_errors, |old| {
+            (budget.deposit_bytes(old, now), ())
         });
-        if callout && cluster.is_none() {
-            self.warn_once(
-                "no cluster to send attempts to (set \"cluster\"); requests go through the router unretried",
-            );
-            return Action::Continue;
+        // A request the picker routed by `ORIGINAL_DST_HOST` fails over along its host list.
+        if let Some(first) = session.replayed_header(routing::ORIGINAL_DST_HOST) {
+            let first = first.to_string();
+            if let Some(hosts) =
+                request::property_str(&[HOSTS_PROPERTY]).and_then(|t| decode_hosts(&t))
+            {
+                session.fail_over(Failover::new(first, hosts));
+            }
         }
-        if rules
-            .budget()
-            .deposit_shared(&HostStore, &policy.budget_key, now)
-            .is_err()
-        {
-            policy.metrics.store_errors.increment(1);
-        }
-        let mut tracked = Tracked {
-            policy: index,
-            plan: AttemptPlan::new(rules, eligibility, now),
-            replay: Replay {
-                headers: replayed,
-                body: Vec::new(),
-                complete: end_of_stream,
+        let callout_first = session.due().is_some();
+        self.streams.insert(
+            context_id,
+            Tracked {
+                policy: index,
+                session,
             },
-            cluster,
-            phase: Phase::FirstAttempt,
-        };
-        if !callout {
-            self.streams.insert(context_id, tracked);
+        );
+        if !callout_first {
             return Action::Continue;
         }
-        tracked.phase = Phase::Waiting {
-            due: now,
-            last: Last::Nothing,
-        };
-        self.streams.insert(context_id, tracked);
         self.send(context_id, now);
         // Held while the filter has it; a first attempt that could not be sent goes on to the
         // router.
@@ -380,28 +337,27 @@ impl Retrier {
         let Some(policy) = self.policies.get(tracked.policy) else {
             return Action::Continue;
         };
-        if !matches!(tracked.phase, Phase::FirstAttempt) || tracked.replay.complete {
+        if !tracked.session.copies_body() {
             return Action::Continue;
         }
         // The router streams the body on; each call lends the current chunk.
         let chunk = stream::request_body(size);
-        let length = tracked.replay.body.len().saturating_add(chunk.len());
-        if u64::try_from(length).unwrap_or(u64::MAX) > policy.rules.max_body() {
+        if !tracked
+            .session
+            .add_body(&policy.rules, &chunk, end_of_stream)
+        {
             policy.metrics.ineligible.increment(1);
             self.streams.remove(&context_id);
-            return Action::Continue;
         }
-        tracked.replay.body.extend_from_slice(&chunk);
-        tracked.replay.complete = end_of_stream;
         Action::Continue
     }
 
     fn on_request_trailers(&mut self, context_id: u32) -> Action {
         // Callouts carry no trailers here: a request with trailers is not replayed.
-        let copying = matches!(
-            self.streams.get(&context_id).map(|t| &t.phase),
-            Some(Phase::FirstAttempt)
-        );
+        let copying = self
+            .streams
+            .get(&context_id)
+            .is_some_and(|t| t.session.first_attempt_under_way());
         if copying {
             if let Some(tracked) = self.streams.remove(&context_id) {
                 if let Some(policy) = self.policies.get(tracked.policy) {
@@ -416,12 +372,10 @@ impl Retrier {
         let Some(tracked) = self.streams.get_mut(&context_id) else {
             return Action::Continue;
         };
-        match tracked.phase {
-            Phase::FirstAttempt => {}
-            Phase::Answered => return Action::Continue,
-            // The host answered a request the filter holds (a stream timeout, for instance):
-            // that answer stands.
-            _ => {
+        match tracked.session.response_role() {
+            ResponseRole::Attempt => {}
+            ResponseRole::Own => return Action::Continue,
+            ResponseRole::Foreign => {
                 self.streams.remove(&context_id);
                 return Action::Continue;
             }
@@ -433,8 +387,10 @@ impl Retrier {
         let now = clock::now();
         let status = response::status().unwrap_or(0);
         // Envoy's own replies to a failed upstream attempt are 503s and 504s.
-        let failure = if matches!(status, 503 | 504) {
+        let mut router_details = None;
+        let failure = if reads_failure(status) {
             let details = response_code_details();
+            router_details.clone_from(&details);
             let flags = response::flags();
             let failure = router_failure(details.as_deref(), flags);
             log::debug(
@@ -445,48 +401,63 @@ impl Retrier {
         } else {
             None
         };
-        let (retry_after, reset) = if matches!(status, 429 | 503) {
+        let (retry_after, reset) = if reads_pushback(status) {
             (text_header("retry-after"), text_header("x-ratelimit-reset"))
         } else {
             (None, None)
         };
-        let outcome = failure.unwrap_or(Outcome::Response(Response {
+        let answer = RouterAnswer {
             status,
+            failure,
             retry_after: retry_after.as_deref(),
             rate_limit_reset: reset.as_deref(),
-        }));
-        if !tracked.replay.complete {
-            tracked.plan.body_incomplete();
-        }
-        if tracked.cluster.is_none() && (failure.is_some() || !(200..400).contains(&status)) {
-            tracked.cluster = route_cluster();
-        }
-        let decision = if tracked.cluster.is_none() {
-            if !self.warned {
-                self.warned = true;
-                log::warn(
-                    FILTER,
-                    &format!("policy {}: no cluster to retry to (set \"cluster\"); failures are handed on", policy.rules.name()),
-                );
-            }
-            RetryDecision::GiveUp(GiveUpReason::NotRetryable)
-        } else {
-            decide(&mut tracked.plan, policy, &outcome, now, &mut self.rng)
         };
-        match decision {
-            RetryDecision::RetryAfter(delay) => {
-                tracked.phase = Phase::Waiting {
-                    due: now.saturating_add(delay),
-                    last: Last::Held,
-                };
-                self.rearm(now);
-                Action::Pause
+        let step = tracked.session.router_response(
+            &policy.rules,
+            answer,
+            now,
+            &mut self.rng,
+            routing::cluster_name,
+            || policy.withdraw(now),
+            |host| policy.skips(host, now),
+        );
+        match step {
+            RouterStep::Hold { .. } => {
+                // Whatever the client gets in the end, passive ejection judges the router's
+                // host by this (docs/operations.md).
+                let attempt = encode_router_attempt(status, router_details.as_deref());
+                request::set_property(&[ROUTER_ATTEMPT_PROPERTY], attempt.as_bytes());
+                if self.rearm(now) {
+                    return Action::Pause;
+                }
+                // No tick would ever end the wait: the response goes on unretried.
+                if let Some(tracked) = self.streams.remove(&context_id) {
+                    if let Some(policy) = self.policies.get(tracked.policy) {
+                        policy.metrics.finished(1);
+                    }
+                }
+                Action::Continue
             }
-            RetryDecision::GiveUp(reason) => {
+            RouterStep::PassOn {
+                reason,
+                headers,
+                out_of_hosts,
+                no_cluster,
+            } => {
+                if no_cluster && !self.warned {
+                    self.warned = true;
+                    log::warn(
+                        FILTER,
+                        &format!("policy {}: no cluster to retry to (set \"cluster\"); failures are handed on", policy.rules.name()),
+                    );
+                }
                 policy.metrics.gave_up(reason);
                 policy.metrics.finished(1);
-                if let Some(name) = policy.rules.attempt_header() {
-                    stream::set_response_header(name, "1");
+                for (name, value) in &headers {
+                    stream::set_response_header(name, value);
+                }
+                if out_of_hosts {
+                    policy.metrics.hosts_exhausted.increment(1);
                 }
                 self.streams.remove(&context_id);
                 Action::Continue
@@ -496,9 +467,14 @@ impl Retrier {
 
     /// The held response's body and trailers wait with it.
     fn response_action(&self, context_id: u32) -> Action {
-        match self.streams.get(&context_id).map(|t| &t.phase) {
-            Some(Phase::Waiting { .. } | Phase::InFlight { .. }) => Action::Pause,
-            _ => Action::Continue,
+        if self
+            .streams
+            .get(&context_id)
+            .is_some_and(|t| t.session.pending())
+        {
+            Action::Pause
+        } else {
+            Action::Continue
         }
     }
 
@@ -506,10 +482,7 @@ impl Retrier {
         let Some(tracked) = self.streams.remove(&context_id) else {
             return;
         };
-        if matches!(
-            tracked.phase,
-            Phase::Waiting { .. } | Phase::InFlight { .. }
-        ) {
+        if tracked.session.pending() {
             if let Some(policy) = self.policies.get(tracked.policy) {
                 policy.metrics.abandoned.increment(1);
             }
@@ -524,7 +497,7 @@ impl Retrier {
         let due: Vec<u32> = self
             .streams
             .iter()
-            .filter(|(_, t)| matches!(t.phase, Phase::Waiting { due, .. } if due <= now))
+            .filter(|(_, t)| t.session.due().is_some_and(|due| due <= now))
             .map(|(id, _)| *id)
             .collect();
         for context_id in due {
@@ -545,69 +518,35 @@ impl Retrier {
         let Some(policy) = self.policies.get(tracked.policy) else {
             return;
         };
-        let Phase::InFlight {
-            sent,
-            timeout,
-            last,
-        } = std::mem::replace(&mut tracked.phase, Phase::Answered)
-        else {
+        if !tracked.session.in_flight() {
             return;
-        };
+        }
         let now = clock::now();
         let answer = read_answer(num_headers, body_size);
-        let decision = match &answer {
-            Err(Unusable::TooLarge) => RetryDecision::GiveUp(GiveUpReason::NotRetryable),
-            Err(Unusable::Failed) | Ok(_) => {
-                let outcome = match &answer {
-                    Ok(a) => {
-                        callout_failure(a.status, &a.body, now.saturating_since(sent), timeout)
-                            .unwrap_or_else(|| {
-                                let header = |name: &str| {
-                                    a.headers
-                                        .iter()
-                                        .find(|(k, _)| k == name)
-                                        .map(|(_, v)| v.as_str())
-                                };
-                                Outcome::Response(Response {
-                                    status: a.status,
-                                    retry_after: header("retry-after"),
-                                    rate_limit_reset: header("x-ratelimit-reset"),
-                                })
-                            })
-                    }
-                    Err(_) => Outcome::Reset,
-                };
-                decide(&mut tracked.plan, policy, &outcome, now, &mut self.rng)
+        let step =
+            tracked
+                .session
+                .callout_answer(&policy.rules, answer, now, &mut self.rng, || {
+                    policy.withdraw(now)
+                });
+        match step {
+            AnswerStep::Ignore => {}
+            AnswerStep::Wait { .. } => {
+                if !self.rearm(now) {
+                    // No tick would ever end the wait: the client gets the last answer.
+                    self.finish_waiting(context_id);
+                }
             }
-        };
-        let last = match answer {
-            Ok(answer) => Last::Answer(answer),
-            Err(Unusable::TooLarge) => Last::Answer(Answer {
-                status: 502,
-                headers: vec![("content-type".into(), "text/plain".into())],
-                body: format!("the upstream's answer is larger than {MAX_ANSWER_BODY} bytes\n")
-                    .into_bytes(),
-            }),
-            Err(Unusable::Failed) => match last {
-                Last::Nothing => Last::Failed,
-                other => other,
-            },
-        };
-        match decision {
-            RetryDecision::RetryAfter(delay) => {
-                tracked.phase = Phase::Waiting {
-                    due: now.saturating_add(delay),
-                    last,
-                };
-                self.rearm(now);
-            }
-            RetryDecision::GiveUp(reason) => {
+            AnswerStep::Finish {
+                reason,
+                recovered,
+                attempts,
+            } => {
                 policy.metrics.gave_up(reason);
-                if reason == GiveUpReason::NotRetryable && tracked.plan.attempts() > 1 {
+                if recovered {
                     policy.metrics.recovered.increment(1);
                 }
-                let made = tracked.plan.attempts();
-                self.finish(context_id, last, made);
+                self.finish(context_id, attempts);
                 self.rearm(now);
             }
         }
@@ -624,10 +563,9 @@ impl Retrier {
         let Some(policy) = self.policies.get(tracked.policy) else {
             return;
         };
-        let Phase::Waiting { last, .. } = std::mem::replace(&mut tracked.phase, Phase::Answered)
-        else {
+        if tracked.session.due().is_none() {
             return;
-        };
+        }
         // Acting for the stream makes the callout the stream's (a host may cancel it with the
         // stream), and tells whether the client is still there.
         if !stream::switch_to(context_id) {
@@ -635,48 +573,48 @@ impl Retrier {
             self.streams.remove(&context_id);
             return;
         }
-        let timeout = tracked.plan.attempt_timeout(&policy.rules, now);
-        let cluster = tracked.cluster.as_deref().unwrap_or("");
-        // The plan counted this attempt as made when it decided on it.
-        let made_before = tracked.plan.attempts().saturating_sub(1);
-        if timeout.is_zero() {
-            policy.metrics.deadline.increment(1);
-            self.finish(context_id, last, made_before);
-            return;
-        }
-        let headers: Vec<(&str, &str)> = tracked
-            .replay
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let body = (!tracked.replay.body.is_empty()).then_some(tracked.replay.body.as_slice());
+        let session = &mut tracked.session;
+        let (timeout, host) =
+            match session.next_attempt(&policy.rules, now, |host| policy.skips(host, now)) {
+                Next::Idle => return,
+                Next::Send { timeout, host } => (timeout, host),
+                Next::Stop { why, attempts } => {
+                    match why {
+                        Stop::Deadline => policy.metrics.deadline.increment(1),
+                        Stop::HostsExhausted => policy.metrics.hosts_exhausted.increment(1),
+                    }
+                    self.finish(context_id, attempts);
+                    return;
+                }
+            };
+        let cluster = session.cluster().unwrap_or("");
+        let (headers, body) = session.attempt_request(routing::ORIGINAL_DST_HOST, host.as_deref());
         match http_call::dispatch(cluster, &headers, body, timeout) {
             Ok(token) => {
-                if tracked.plan.attempts() > 1 {
+                let sent = session.sent(now, timeout, host);
+                if sent.retry {
                     policy.metrics.retries.increment(1);
                 }
+                if sent.failover {
+                    policy.metrics.failovers.increment(1);
+                }
                 self.tokens.insert(token, context_id);
-                tracked.phase = Phase::InFlight {
-                    sent: now,
-                    timeout,
-                    last,
-                };
             }
             Err(status) => {
                 policy.metrics.callout_refused.increment(1);
                 let message = format!(
                     "the host refused a callout to cluster \"{cluster}\" ({status:?}); the client gets the last response"
                 );
+                let attempts = session.refused();
                 self.warn_once(&message);
-                self.finish(context_id, last, made_before);
+                self.finish(context_id, attempts);
             }
         }
     }
 
     /// Ends the retries of a stream (the effective context or not) after `attempts` attempts:
-    /// the client gets `last`.
-    fn finish(&mut self, context_id: u32, last: Last, attempts: u32) {
+    /// the client gets the best response so far.
+    fn finish(&mut self, context_id: u32, attempts: u32) {
         let Some(tracked) = self.streams.get_mut(&context_id) else {
             return;
         };
@@ -688,72 +626,47 @@ impl Retrier {
             self.streams.remove(&context_id);
             return;
         }
-        let header = policy
-            .rules
-            .attempt_header()
-            .map(|name| (name.to_string(), attempts.to_string()));
-        match last {
-            Last::Nothing => {
-                // Not one attempt left the filter (only the first attempt of `first_attempt:
-                // "callout"` can fail so, inside the stream's own request callback, which then
-                // returns Continue): the router takes the request as if the filter were not
-                // there.
+        match tracked.session.end(&policy.rules, attempts) {
+            Ending::Router => {
                 self.streams.remove(&context_id);
                 return;
             }
-            Last::Held => {
-                if let Some((name, value)) = &header {
+            Ending::Resume { headers } => {
+                for (name, value) in &headers {
                     stream::set_response_header(name, value);
                 }
                 self.streams.remove(&context_id);
                 // In a pipeline the stages before this one see the response first.
                 self.stage.resume_response(context_id);
             }
-            Last::Answer(answer) => {
-                let mut headers: Vec<(String, String)> = answer
-                    .headers
-                    .into_iter()
-                    .filter(|(name, _)| handed_on_response_header(name))
-                    .collect();
-                if let Some((name, value)) = header {
-                    headers.retain(|(k, _)| *k != name);
-                    headers.push((name, value));
-                }
+            Ending::Reply(answer) => {
                 LocalReply {
                     status: u32::from(answer.status),
-                    headers,
+                    headers: answer.headers,
                     body: answer.body,
                 }
                 .send();
-                tracked.phase = Phase::Answered;
-            }
-            Last::Failed => {
-                let mut headers = vec![("content-type".to_string(), "text/plain".to_string())];
-                headers.extend(header);
-                LocalReply {
-                    status: 503,
-                    headers,
-                    body: format!("no response from the upstream after {attempts} attempts\n")
-                        .into_bytes(),
-                }
-                .send();
-                tracked.phase = Phase::Answered;
             }
         }
         policy.metrics.finished(attempts);
     }
 
-    /// Sets the tick so that it fires when the earliest waiting attempt is due (in whole
-    /// milliseconds, rounded up), or stops it when nothing waits.
-    fn rearm(&mut self, now: Instant) {
-        let next = self
+    /// Ends a waiting stream's retries now: the client gets the last answer.
+    fn finish_waiting(&mut self, context_id: u32) {
+        let attempts = self
             .streams
-            .values()
-            .filter_map(|t| match t.phase {
-                Phase::Waiting { due, .. } => Some(due),
-                _ => None,
-            })
-            .min();
+            .get_mut(&context_id)
+            .and_then(|t| t.session.abandon_wait());
+        if let Some(attempts) = attempts {
+            self.finish(context_id, attempts);
+        }
+    }
+
+    /// Sets the tick so that it fires when the earliest waiting attempt is due (in whole
+    /// milliseconds, rounded up), or stops it when nothing waits. `false` when something waits
+    /// and no tick is set (the host refused the period).
+    fn rearm(&mut self, now: Instant) -> bool {
+        let next = self.streams.values().filter_map(|t| t.session.due()).min();
         let want = next.map(|due| {
             due.saturating_since(now)
                 .as_nanos()
@@ -766,6 +679,7 @@ impl Retrier {
                 self.tick_ms = want;
             }
         }
+        want.is_none() || self.tick_ms.is_some()
     }
 
     fn warn_once(&mut self, message: &str) {
@@ -776,43 +690,6 @@ impl Retrier {
     }
 }
 
-/// Asks the plan what follows `outcome`. A retry withdraws from the shared budget; an error
-/// there refuses it (fail closed: contention on the budget is a sign of a storm).
-fn decide(
-    plan: &mut AttemptPlan,
-    policy: &Policy,
-    outcome: &Outcome<'_>,
-    now: Instant,
-    rng: &mut SeededRng,
-) -> RetryDecision {
-    let rules = &policy.rules;
-    plan.decide(rules, outcome, now, rng, || {
-        rules
-            .budget()
-            .withdraw_shared(&HostStore, &policy.budget_key, now)
-            .unwrap_or_else(|_| {
-                policy.metrics.store_errors.increment(1);
-                false
-            })
-    })
-}
-
-/// The request headers to replay, as text: `None` when a value is not UTF-8 (a callout takes
-/// text, and a replay must not alter the request).
-fn replayable(headers: Vec<(String, Vec<u8>)>) -> Option<Vec<(String, String)>> {
-    headers
-        .into_iter()
-        .filter(|(name, _)| replayed_request_header(name))
-        .map(|(name, value)| String::from_utf8(value).ok().map(|v| (name, v)))
-        .collect()
-}
-
-/// The cluster the host routed the request to (Envoy 1.40: `xds.cluster_name`, readable from
-/// the request headers on).
-fn route_cluster() -> Option<String> {
-    routing::cluster_name()
-}
-
 /// Why Envoy ended the stream's upstream attempt (`response.code_details`).
 fn response_code_details() -> Option<String> {
     request::property_str(&["response", "code_details"])
@@ -821,14 +698,6 @@ fn response_code_details() -> Option<String> {
 /// A response header as text.
 fn text_header(name: &str) -> Option<String> {
     response::header(name).and_then(|v| String::from_utf8(v).ok())
-}
-
-/// Why a callout's answer cannot be handed on.
-enum Unusable {
-    /// The call failed: no response at all.
-    Failed,
-    /// The body is larger than [`MAX_ANSWER_BODY`].
-    TooLarge,
 }
 
 /// Reads a callout's answer during `on_http_call_response`.

@@ -36,15 +36,23 @@
 //!
 //! `floor=OP,OP,...` turns the probe into the Envoy benchmark's floor instrument: every request
 //! makes exactly the host calls listed, in this order, and continues (no `x-probe` command is
-//! read). It measures what the host calls a filter needs cost by themselves, before any logic:
+//! read). It measures what the host calls a filter needs cost by themselves, before any logic.
+//! An op runs in `on_http_request_headers`, or where its prefix says: `response:OP` in
+//! `on_http_response_headers`, `log:OP` in `on_log` (the floors of `bench/floors.txt` make each
+//! filter's host calls in the callbacks the filter makes them in):
 //!
 //! | op | host call |
 //! |---|---|
 //! | `time` | `get_current_time` |
 //! | `route` | the `xds.route_name` property |
-//! | `header` | the `x-api-key` request header |
+//! | `upstream` | the `upstream.address` property |
+//! | `header` | the `x-api-key` header of the callback's map (request, or response for `response:`) |
+//! | `headers` | every header of the callback's map (`get_header_map_pairs`) |
+//! | `status` | the response header `:status` |
 //! | `shared` | `get_shared_data("keel/floor")`, then `set_shared_data` with its version (a CAS) |
-//! | `set-header` | sets the request header `x-floor` |
+//! | `shared-get` | `get_shared_data("keel/floor")` only (its version is kept for `shared-set`) |
+//! | `shared-set` | `set_shared_data("keel/floor")` with the version the last `shared-get` read (a CAS without its read) |
+//! | `set-header` | sets (replaces) the header `x-floor` of the callback's map |
 //! | `counter` | increments the counter `probe.floor` |
 //! | `response-header` | adds the response header `x-floor` (in `on_http_response_headers`) |
 
@@ -72,66 +80,147 @@ thread_local! {
     static FLOOR: RefCell<Option<Vec<FloorOp>>> = const { RefCell::new(None) };
 }
 
+/// The callback a floor op runs in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Request,
+    Response,
+    Log,
+}
+
 /// One host call of the floor mode (see the module documentation).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum FloorOp {
+enum FloorCall {
     Time,
     Route,
+    Upstream,
     Header,
+    Headers,
+    Status,
     Shared,
+    SharedGet,
+    SharedSet,
     SetHeader,
+    SetProperty,
     Counter,
     ResponseHeader,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FloorOp {
+    phase: Phase,
+    call: FloorCall,
+}
+
 impl FloorOp {
-    fn parse(name: &str) -> Option<FloorOp> {
-        Some(match name {
-            "time" => FloorOp::Time,
-            "route" => FloorOp::Route,
-            "header" => FloorOp::Header,
-            "shared" => FloorOp::Shared,
-            "set-header" => FloorOp::SetHeader,
-            "counter" => FloorOp::Counter,
-            "response-header" => FloorOp::ResponseHeader,
+    fn parse(word: &str) -> Option<FloorOp> {
+        let (phase, name) = match word.split_once(':') {
+            Some(("response", name)) => (Phase::Response, name),
+            Some(("log", name)) => (Phase::Log, name),
+            Some(_) => return None,
+            None => (Phase::Request, word),
+        };
+        let call = match name {
+            "time" => FloorCall::Time,
+            "route" => FloorCall::Route,
+            "upstream" => FloorCall::Upstream,
+            "header" => FloorCall::Header,
+            "headers" => FloorCall::Headers,
+            "status" => FloorCall::Status,
+            "shared" => FloorCall::Shared,
+            "shared-get" => FloorCall::SharedGet,
+            "shared-set" => FloorCall::SharedSet,
+            "set-header" => FloorCall::SetHeader,
+            "set-property" => FloorCall::SetProperty,
+            "counter" => FloorCall::Counter,
+            // Always a response header, so always in on_http_response_headers.
+            "response-header" => {
+                return Some(FloorOp {
+                    phase: Phase::Response,
+                    call: FloorCall::ResponseHeader,
+                })
+            }
             _ => return None,
-        })
+        };
+        Some(FloorOp { phase, call })
     }
 
     /// Makes the call; results are ignored (the floor measures the call, not its outcome).
     fn run(self) {
-        match self {
-            FloorOp::Time => {
+        let map = if self.phase == Phase::Request {
+            MapType::HttpRequestHeaders
+        } else {
+            MapType::HttpResponseHeaders
+        };
+        match self.call {
+            FloorCall::Time => {
                 let _ = hostcalls::get_current_time();
             }
-            FloorOp::Route => {
+            FloorCall::Route => {
                 let _ = hostcalls::get_property(vec!["xds", "route_name"]);
             }
-            FloorOp::Header => {
-                let _ = hostcalls::get_map_value(MapType::HttpRequestHeaders, "x-api-key");
+            FloorCall::Upstream => {
+                let _ = hostcalls::get_property(vec!["upstream", "address"]);
             }
-            FloorOp::Shared => {
+            FloorCall::Header => {
+                let _ = hostcalls::get_map_value(map, "x-api-key");
+            }
+            FloorCall::Headers => {
+                let _ = hostcalls::get_map(map);
+            }
+            FloorCall::Status => {
+                let _ = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status");
+            }
+            FloorCall::Shared => {
                 if let Ok((value, cas)) = hostcalls::get_shared_data("keel/floor") {
                     let value = value.unwrap_or_else(|| vec![0; 16]);
                     let _ = hostcalls::set_shared_data("keel/floor", Some(&value), cas);
                 }
             }
-            FloorOp::SetHeader => {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-floor", Some("1"));
+            FloorCall::SharedGet => {
+                if let Ok((value, cas)) = hostcalls::get_shared_data("keel/floor") {
+                    FLOOR_READ.with(|r| *r.borrow_mut() = (value, cas));
+                }
             }
-            FloorOp::Counter => {
+            FloorCall::SharedSet => {
+                let (value, cas) = FLOOR_READ.with(|r| r.borrow_mut().clone());
+                let value = value.unwrap_or_else(|| vec![0; 16]);
+                let _ = hostcalls::set_shared_data("keel/floor", Some(&value), cas);
+            }
+            FloorCall::SetHeader => {
+                let _ = hostcalls::set_map_value(map, "x-floor", Some("1"));
+            }
+            FloorCall::SetProperty => {
+                let _ = hostcalls::set_property(vec!["keel.floor"], Some(b"127.0.0.1:1"));
+            }
+            FloorCall::Counter => {
                 if let Ok(id) = floor_counter() {
                     let _ = hostcalls::increment_metric(id, 1);
                 }
             }
-            // Made in on_http_response_headers.
-            FloorOp::ResponseHeader => {}
+            FloorCall::ResponseHeader => {
+                let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, "x-floor", "1");
+            }
         }
     }
 }
 
+/// Runs the floor's ops of `phase`; false when the probe is not in floor mode.
+fn run_floor(phase: Phase) -> bool {
+    FLOOR.with(|f| {
+        f.borrow().as_ref().is_some_and(|ops| {
+            for op in ops.iter().filter(|op| op.phase == phase) {
+                op.run();
+            }
+            true
+        })
+    })
+}
+
 thread_local! {
     static FLOOR_COUNTER: RefCell<Option<u32>> = const { RefCell::new(None) };
+    /// What the last `shared-get` read: the value and version `shared-set` writes back.
+    static FLOOR_READ: RefCell<(Option<Vec<u8>>, Option<u32>)> = const { RefCell::new((None, None)) };
 }
 
 /// The floor's counter, defined once per VM.
@@ -474,15 +563,12 @@ impl Context for ProbeHttp {
 }
 
 impl HttpContext for ProbeHttp {
+    fn on_log(&mut self) {
+        run_floor(Phase::Log);
+    }
+
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let floor = FLOOR.with(|f| {
-            f.borrow().as_ref().map(|ops| {
-                for op in ops {
-                    op.run();
-                }
-            })
-        });
-        if floor.is_some() {
+        if run_floor(Phase::Request) {
             return Action::Continue;
         }
         self.command = self.arg("x-probe");
@@ -502,13 +588,8 @@ impl HttpContext for ProbeHttp {
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
-        let stamp = FLOOR.with(|f| {
-            f.borrow()
-                .as_ref()
-                .is_some_and(|ops| ops.contains(&FloorOp::ResponseHeader))
-        });
-        if stamp {
-            let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, "x-floor", "1");
+        if run_floor(Phase::Response) {
+            return Action::Continue;
         }
         if self.command == "late-read" {
             let late = self.get_http_request_header("x-probe");

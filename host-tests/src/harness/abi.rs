@@ -6,25 +6,60 @@
 //! proxy-wasm-cpp-host: a little-endian u32 count, then a (name length, value length) u32 pair per
 //! entry, then each name and value followed by a NUL byte.
 
-/// `proxy_result_t` values the host returns. Which of them a given SDK call accepts is listed in
-/// the SDK's `hostcalls.rs`; anything else makes the SDK panic, so each host call returns only
-/// statuses its SDK wrapper accepts (or the ones Envoy really returns, where the SDK then panics
-/// in Envoy too).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `proxy_result_t`: every status of ABI 0.2.1. Which of them a given SDK call accepts is listed
+/// in the SDK's `hostcalls.rs`; anything else makes the SDK panic. In normal operation each host
+/// call returns only statuses its SDK wrapper accepts (or the ones Envoy really returns, where
+/// the SDK then panics in Envoy too); a test makes a call fail with any of them with
+/// [`Vm::fail_host_call`](super::Vm::fail_host_call) or
+/// [`Host::fail_host_call`](super::Host::fail_host_call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(i32)]
-pub(crate) enum Status {
+pub enum Status {
     Ok = 0,
     NotFound = 1,
     BadArgument = 2,
+    SerializationFailure = 3,
+    ParseFailure = 4,
+    BadExpression = 5,
+    InvalidMemoryAccess = 6,
     Empty = 7,
     CasMismatch = 8,
+    ResultMismatch = 9,
     InternalFailure = 10,
+    BrokenConnection = 11,
+    Unimplemented = 12,
 }
 
 impl Status {
-    pub(crate) fn code(self) -> i32 {
+    /// The ABI's value.
+    pub fn code(self) -> i32 {
         self as i32
     }
+
+    /// The status's name, as Keel's logs spell it (`InternalFailure`).
+    pub fn name(self) -> String {
+        format!("{self:?}")
+    }
+}
+
+/// A host call the test makes fail: the import `call` answers `status` instead of doing its
+/// work, `remaining` more times (`None`: every time).
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) call: String,
+    pub(crate) status: Status,
+    pub(crate) remaining: Option<u64>,
+}
+
+/// Takes one answer from the first plan in `plans` for `call` that has answers left.
+pub(crate) fn take_failure(plans: &mut [Failure], call: &str) -> Option<Status> {
+    let plan = plans
+        .iter_mut()
+        .find(|p| p.call == call && p.remaining != Some(0))?;
+    if let Some(n) = plan.remaining.as_mut() {
+        *n -= 1;
+    }
+    Some(plan.status)
 }
 
 /// `proxy_map_type_t`.

@@ -23,6 +23,9 @@ pub(crate) fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| {
         let mut config = Config::new();
         config.wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Disable);
+        // `KEEL_FUEL=1`: wasmtime counts fuel (about one unit per wasm instruction), which
+        // `Vm::fuel` reports: the module's own work per callback, deterministic.
+        config.consume_fuel(fuel_on());
         // Compiled code is cached on disk (keyed by the module's bytes and the compiler's
         // settings), so only the first test process after a module changes pays for Cranelift.
         let mut cache = CacheConfig::new();
@@ -32,6 +35,11 @@ pub(crate) fn engine() -> &'static Engine {
         }
         Engine::new(&config).unwrap_or_default()
     })
+}
+
+/// Whether `KEEL_FUEL` asks for fuel counting (see [`engine`]).
+pub(crate) fn fuel_on() -> bool {
+    std::env::var_os("KEEL_FUEL").is_some()
 }
 
 /// `$CARGO_TARGET_DIR/keel-wasmtime-cache`, else `target/keel-wasmtime-cache` in the

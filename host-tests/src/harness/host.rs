@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::abi::{Failure, Status};
 use super::types::{
     CalloutRequest, LogEntry, LogLevel, Metric, MetricKind, PropertyPath, PropertyValue, Response,
 };
@@ -157,6 +158,8 @@ pub(crate) struct HostShared {
     pub(crate) vms: Mutex<Vec<Weak<VmCell>>>,
     pub(crate) next_vm: AtomicUsize,
     pub(crate) seed: AtomicU64,
+    /// Host calls every VM answers with a failing status (see [`Host::fail_host_call`]).
+    pub(crate) failures: Mutex<Vec<Failure>>,
     /// `(vm index, queue id)` notifications waiting for the current call to finish.
     pub(crate) queue_ready: Mutex<VecDeque<(usize, u32)>>,
 }
@@ -231,6 +234,7 @@ impl Host {
                 next_vm: AtomicUsize::new(0),
                 seed: AtomicU64::new(0),
                 queue_ready: Mutex::new(VecDeque::new()),
+                failures: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -356,6 +360,24 @@ impl Host {
     /// sets the same path. Values use Envoy's encodings (see [`PropertyValue`]).
     pub fn set_property(&self, path: impl PropertyPath, value: impl PropertyValue) {
         lock(&self.shared.properties).insert(path.segments(), value.encode());
+    }
+
+    // ----- failing host calls -----
+
+    /// Makes the host call `call` answer `status` in every VM of this host, those running and
+    /// those started later (from `_initialize` and `on_configure` on), until
+    /// [`Host::heal_host_calls`]. A VM's own plan ([`Vm::fail_host_call`]) is used first.
+    pub fn fail_host_call(&self, call: &str, status: Status) {
+        lock(&self.shared.failures).push(Failure {
+            call: call.to_string(),
+            status,
+            remaining: None,
+        });
+    }
+
+    /// Forgets the failures planned for every VM with [`Host::fail_host_call`].
+    pub fn heal_host_calls(&self) {
+        lock(&self.shared.failures).clear();
     }
 
     // ----- shared data -----

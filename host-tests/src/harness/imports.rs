@@ -3,11 +3,15 @@
 //! Each function returns only statuses the Rust SDK 0.2.5 accepts from it (see its
 //! `hostcalls.rs`), except where Envoy itself returns one the SDK rejects: then the SDK panics
 //! here as it would in Envoy (reading an unavailable header map, `proxy_set_property` without a
-//! stream). Guest memory errors trap with a message naming the call.
+//! stream), and except where a test makes the call fail on purpose ([`injected`]): then the
+//! call answers the chosen status before doing anything. Guest memory errors trap with a
+//! message naming the call.
 
 use wasmtime::{Caller, Extern, Linker, Memory};
 
-use super::abi::{decode_pairs, encode_pairs, split_path, BufferType, MapType, Status};
+use super::abi::{
+    decode_pairs, encode_pairs, split_path, take_failure, BufferType, MapType, Status,
+};
 use super::host::lock;
 use super::stream::Direction;
 use super::types::{find_header, CalloutRequest, LocalReply, LogLevel, Metric, MetricKind};
@@ -17,6 +21,21 @@ type C<'a> = Caller<'a, VmState>;
 type R = wasmtime::Result<i32>;
 
 const OK: i32 = Status::Ok as i32;
+
+/// Counts one call of the host function `name` (see `Vm::host_calls`).
+fn count(c: &mut C<'_>, name: &'static str) {
+    let fuel = c.get_fuel().ok();
+    let st = c.data_mut();
+    *st.host_calls
+        .entry((st.current_callback, name))
+        .or_default() += 1;
+    if let (Some(now), Some((mark, last))) = (fuel, st.fuel_mark) {
+        *st.fuel_segments
+            .entry((st.current_callback, last, name))
+            .or_default() += mark.saturating_sub(now);
+        st.fuel_mark = Some((now, name));
+    }
+}
 
 fn memory(c: &mut C<'_>) -> wasmtime::Result<Memory> {
     match c.get_export("memory") {
@@ -197,6 +216,16 @@ fn metric_update(st: &mut VmState, id: u32, f: impl FnOnce(&mut Metric) -> Statu
     f(metric)
 }
 
+/// The status the test chose for `call`, if the call is to fail now (a plan of the VM first,
+/// then the host's); counted in the VM's [`VmState::failed_calls`].
+fn injected(c: &mut C<'_>, call: &str) -> Option<i32> {
+    let st = c.data_mut();
+    let status = take_failure(&mut st.failures, call)
+        .or_else(|| take_failure(&mut lock(&st.host.failures), call))?;
+    *st.failed_calls.entry(call.to_string()).or_default() += 1;
+    Some(status.code())
+}
+
 /// Registers every `env` host function of the ABI on the linker.
 pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     // ----- logging, time, ticks, lifecycle -----
@@ -204,6 +233,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_log",
         |mut c: C<'_>, level: i32, ptr: i32, len: i32| -> R {
+            count(&mut c, "proxy_log");
+            if let Some(code) = injected(&mut c, "proxy_log") {
+                return Ok(code);
+            }
             let message = read_string(&mut c, ptr, len)?;
             let Some(level) = LogLevel::from_abi(level) else {
                 return Ok(Status::BadArgument.code());
@@ -218,6 +251,7 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_log_level",
         |mut c: C<'_>, ptr: i32| -> R {
+            count(&mut c, "proxy_get_log_level");
             let level = c
                 .data()
                 .host
@@ -231,6 +265,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_current_time_nanoseconds",
         |mut c: C<'_>, ptr: i32| -> R {
+            count(&mut c, "proxy_get_current_time_nanoseconds");
+            if let Some(code) = injected(&mut c, "proxy_get_current_time_nanoseconds") {
+                return Ok(code);
+            }
             let now = c.data().now();
             write(&mut c, ptr, &now.to_le_bytes())?;
             Ok(OK)
@@ -240,6 +278,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_tick_period_milliseconds",
         |mut c: C<'_>, ms: i32| -> R {
+            count(&mut c, "proxy_set_tick_period_milliseconds");
+            if let Some(code) = injected(&mut c, "proxy_set_tick_period_milliseconds") {
+                return Ok(code);
+            }
             let st = c.data_mut();
             let period = u64::from(ms as u32) * 1_000_000;
             if period == 0 {
@@ -253,6 +295,7 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap("env", "proxy_done", |mut c: C<'_>| -> R {
+        count(&mut c, "proxy_done");
         c.data_mut().done_called = true;
         Ok(OK)
     })?;
@@ -260,6 +303,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_effective_context",
         |mut c: C<'_>, id: i32| -> R {
+            count(&mut c, "proxy_set_effective_context");
+            if let Some(code) = injected(&mut c, "proxy_set_effective_context") {
+                return Ok(code);
+            }
             let st = c.data_mut();
             let id = id as u32;
             // Envoy (cpp-host exports.cc) refuses an unknown or deleted context with BadArgument,
@@ -275,6 +322,7 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_status",
         |mut c: C<'_>, code_ptr: i32, msg_ptr_ptr: i32, msg_size_ptr: i32| -> R {
+            count(&mut c, "proxy_get_status");
             let (code, message) = c.data().status.clone();
             write_u32(&mut c, code_ptr, code)?;
             give(&mut c, message.as_bytes(), msg_ptr_ptr, msg_size_ptr)?;
@@ -287,6 +335,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut c: C<'_>, map: i32, ptr_ptr: i32, size_ptr: i32| -> R {
+            count(&mut c, "proxy_get_header_map_pairs");
+            if let Some(code) = injected(&mut c, "proxy_get_header_map_pairs") {
+                return Ok(code);
+            }
             let Some(map) = map_type(map) else {
                 return Ok(Status::BadArgument.code());
             };
@@ -304,6 +356,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_header_map_pairs",
         |mut c: C<'_>, map: i32, ptr: i32, size: i32| -> R {
+            count(&mut c, "proxy_set_header_map_pairs");
+            if let Some(code) = injected(&mut c, "proxy_set_header_map_pairs") {
+                return Ok(code);
+            }
             let bytes = read(&mut c, ptr, size)?;
             let (Some(map), Some(pairs)) = (map_type(map), decode_pairs(&bytes)) else {
                 return Ok(Status::BadArgument.code());
@@ -322,6 +378,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_value",
         |mut c: C<'_>, map: i32, key_ptr: i32, key_size: i32, ptr_ptr: i32, size_ptr: i32| -> R {
+            count(&mut c, "proxy_get_header_map_value");
+            if let Some(code) = injected(&mut c, "proxy_get_header_map_value") {
+                return Ok(code);
+            }
             let key = read_string(&mut c, key_ptr, key_size)?.to_ascii_lowercase();
             let Some(map) = map_type(map) else {
                 return Ok(Status::BadArgument.code());
@@ -346,6 +406,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          value_ptr: i32,
          value_size: i32|
          -> R {
+            count(&mut c, "proxy_replace_header_map_value");
+            if let Some(code) = injected(&mut c, "proxy_replace_header_map_value") {
+                return Ok(code);
+            }
             let key = read_string(&mut c, key_ptr, key_size)?.to_ascii_lowercase();
             let value = read_string(&mut c, value_ptr, value_size)?;
             let Some(target) = map_type(map).and_then(|m| writable_map(c.data_mut(), m)) else {
@@ -380,6 +444,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          value_ptr: i32,
          value_size: i32|
          -> R {
+            count(&mut c, "proxy_add_header_map_value");
+            if let Some(code) = injected(&mut c, "proxy_add_header_map_value") {
+                return Ok(code);
+            }
             let key = read_string(&mut c, key_ptr, key_size)?.to_ascii_lowercase();
             let value = read_string(&mut c, value_ptr, value_size)?;
             let Some(target) = map_type(map).and_then(|m| writable_map(c.data_mut(), m)) else {
@@ -393,6 +461,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_remove_header_map_value",
         |mut c: C<'_>, map: i32, key_ptr: i32, key_size: i32| -> R {
+            count(&mut c, "proxy_remove_header_map_value");
+            if let Some(code) = injected(&mut c, "proxy_remove_header_map_value") {
+                return Ok(code);
+            }
             let key = read_string(&mut c, key_ptr, key_size)?.to_ascii_lowercase();
             let Some(target) = map_type(map).and_then(|m| writable_map(c.data_mut(), m)) else {
                 return Ok(Status::BadArgument.code());
@@ -405,6 +477,7 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_size",
         |mut c: C<'_>, map: i32, size_ptr: i32| -> R {
+            count(&mut c, "proxy_get_header_map_size");
             let Some(pairs) = map_type(map).and_then(|m| readable_map(c.data_mut(), m)) else {
                 return Ok(Status::BadArgument.code());
             };
@@ -419,6 +492,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_buffer_bytes",
         |mut c: C<'_>, kind: i32, start: i32, max: i32, ptr_ptr: i32, size_ptr: i32| -> R {
+            count(&mut c, "proxy_get_buffer_bytes");
+            if let Some(code) = injected(&mut c, "proxy_get_buffer_bytes") {
+                return Ok(code);
+            }
             let Some(kind) = BufferType::from_abi(kind) else {
                 return Ok(Status::BadArgument.code());
             };
@@ -455,6 +532,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_buffer_bytes",
         |mut c: C<'_>, kind: i32, start: i32, size: i32, ptr: i32, len: i32| -> R {
+            count(&mut c, "proxy_set_buffer_bytes");
+            if let Some(code) = injected(&mut c, "proxy_set_buffer_bytes") {
+                return Ok(code);
+            }
             let data = read(&mut c, ptr, len)?;
             let Some(kind) = BufferType::from_abi(kind) else {
                 return Ok(Status::BadArgument.code());
@@ -494,6 +575,7 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_buffer_status",
         |mut c: C<'_>, kind: i32, len_ptr: i32, flags_ptr: i32| -> R {
+            count(&mut c, "proxy_get_buffer_status");
             let st = c.data_mut();
             let len = match BufferType::from_abi(kind) {
                 Some(BufferType::VmConfiguration) => st.vm_config.len(),
@@ -521,6 +603,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_continue_stream",
         |mut c: C<'_>, kind: i32| -> R {
+            count(&mut c, "proxy_continue_stream");
+            if let Some(code) = injected(&mut c, "proxy_continue_stream") {
+                return Ok(code);
+            }
             if let Some(stream) = c.data_mut().effective_stream() {
                 match kind {
                     0 => stream.request.resume(),
@@ -532,12 +618,14 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap("env", "proxy_continue_request", |mut c: C<'_>| -> R {
+        count(&mut c, "proxy_continue_request");
         if let Some(stream) = c.data_mut().effective_stream() {
             stream.request.resume();
         }
         Ok(OK)
     })?;
     linker.func_wrap("env", "proxy_continue_response", |mut c: C<'_>| -> R {
+        count(&mut c, "proxy_continue_response");
         if let Some(stream) = c.data_mut().effective_stream() {
             stream.response.resume();
         }
@@ -547,6 +635,7 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_close_stream",
         |mut c: C<'_>, kind: i32| -> R {
+            count(&mut c, "proxy_close_stream");
             if kind <= 1 {
                 if let Some(stream) = c.data_mut().effective_stream() {
                     stream.reset = true;
@@ -555,7 +644,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             Ok(OK)
         },
     )?;
-    linker.func_wrap("env", "proxy_clear_route_cache", |_: C<'_>| -> R { Ok(OK) })?;
+    linker.func_wrap("env", "proxy_clear_route_cache", |mut c: C<'_>| -> R {
+        count(&mut c, "proxy_clear_route_cache");
+        Ok(OK)
+    })?;
     linker.func_wrap(
         "env",
         "proxy_send_local_response",
@@ -569,6 +661,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          headers_size: i32,
          grpc_status: i32|
          -> R {
+            count(&mut c, "proxy_send_local_response");
+            if let Some(code) = injected(&mut c, "proxy_send_local_response") {
+                return Ok(code);
+            }
             let details = read_string(&mut c, details_ptr, details_size)?;
             let body = read(&mut c, body_ptr, body_size)?;
             let raw_headers = read(&mut c, headers_ptr, headers_size)?;
@@ -594,6 +690,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_property",
         |mut c: C<'_>, path_ptr: i32, path_size: i32, ptr_ptr: i32, size_ptr: i32| -> R {
+            count(&mut c, "proxy_get_property");
+            if let Some(code) = injected(&mut c, "proxy_get_property") {
+                return Ok(code);
+            }
             let path = split_path(&read(&mut c, path_ptr, path_size)?);
             *c.data_mut().property_reads.entry(path.clone()).or_default() += 1;
             let Some(value) = property(c.data_mut(), &path) else {
@@ -607,6 +707,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_property",
         |mut c: C<'_>, path_ptr: i32, path_size: i32, value_ptr: i32, value_size: i32| -> R {
+            count(&mut c, "proxy_set_property");
+            if let Some(code) = injected(&mut c, "proxy_set_property") {
+                return Ok(code);
+            }
             let path = split_path(&read(&mut c, path_ptr, path_size)?);
             let value = read(&mut c, value_ptr, value_size)?;
             // Envoy stores it in the stream's filter state; without a stream it answers
@@ -630,6 +734,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          size_ptr: i32,
          cas_ptr: i32|
          -> R {
+            count(&mut c, "proxy_get_shared_data");
+            if let Some(code) = injected(&mut c, "proxy_get_shared_data") {
+                return Ok(code);
+            }
             let key = read_string(&mut c, key_ptr, key_size)?;
             let found = {
                 let st = c.data();
@@ -653,6 +761,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          value_size: i32,
          cas: i32|
          -> R {
+            count(&mut c, "proxy_set_shared_data");
+            if let Some(code) = injected(&mut c, "proxy_set_shared_data") {
+                return Ok(code);
+            }
             let key = read_string(&mut c, key_ptr, key_size)?;
             let value = read(&mut c, value_ptr, value_size)?;
             let st = c.data();
@@ -669,6 +781,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_register_shared_queue",
         |mut c: C<'_>, name_ptr: i32, name_size: i32, id_ptr: i32| -> R {
+            count(&mut c, "proxy_register_shared_queue");
+            if let Some(code) = injected(&mut c, "proxy_register_shared_queue") {
+                return Ok(code);
+            }
             let name = read_string(&mut c, name_ptr, name_size)?;
             let id = {
                 let st = c.data();
@@ -688,6 +804,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          name_size: i32,
          id_ptr: i32|
          -> R {
+            count(&mut c, "proxy_resolve_shared_queue");
+            if let Some(code) = injected(&mut c, "proxy_resolve_shared_queue") {
+                return Ok(code);
+            }
             let vm_id = read_string(&mut c, vm_ptr, vm_size)?;
             let name = read_string(&mut c, name_ptr, name_size)?;
             let found = lock(&c.data().host.queues).resolve(&vm_id, &name);
@@ -702,6 +822,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_enqueue_shared_queue",
         |mut c: C<'_>, id: i32, ptr: i32, size: i32| -> R {
+            count(&mut c, "proxy_enqueue_shared_queue");
+            if let Some(code) = injected(&mut c, "proxy_enqueue_shared_queue") {
+                return Ok(code);
+            }
             let value = read(&mut c, ptr, size)?;
             let host = c.data().host.clone();
             let owner = lock(&host.queues).enqueue(id as u32, value);
@@ -716,6 +840,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_dequeue_shared_queue",
         |mut c: C<'_>, id: i32, ptr_ptr: i32, size_ptr: i32| -> R {
+            count(&mut c, "proxy_dequeue_shared_queue");
+            if let Some(code) = injected(&mut c, "proxy_dequeue_shared_queue") {
+                return Ok(code);
+            }
             let item = lock(&c.data().host.queues).dequeue(id as u32);
             match item {
                 None => Ok(Status::NotFound.code()),
@@ -733,6 +861,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_define_metric",
         |mut c: C<'_>, kind: i32, name_ptr: i32, name_size: i32, id_ptr: i32| -> R {
+            count(&mut c, "proxy_define_metric");
+            if let Some(code) = injected(&mut c, "proxy_define_metric") {
+                return Ok(code);
+            }
             let name = read_string(&mut c, name_ptr, name_size)?;
             let Some(kind) = MetricKind::from_abi(kind) else {
                 return Ok(Status::BadArgument.code());
@@ -757,6 +889,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_increment_metric",
         |mut c: C<'_>, id: i32, offset: i64| -> R {
+            count(&mut c, "proxy_increment_metric");
+            if let Some(code) = injected(&mut c, "proxy_increment_metric") {
+                return Ok(code);
+            }
             let status = metric_update(c.data_mut(), id as u32, |m| match m.kind {
                 // Envoy refuses to move a counter by a non-positive offset.
                 MetricKind::Counter if offset > 0 => {
@@ -776,6 +912,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_record_metric",
         |mut c: C<'_>, id: i32, value: i64| -> R {
+            count(&mut c, "proxy_record_metric");
+            if let Some(code) = injected(&mut c, "proxy_record_metric") {
+                return Ok(code);
+            }
             let status = metric_update(c.data_mut(), id as u32, |m| {
                 match m.kind {
                     MetricKind::Counter => m.value = m.value.saturating_add(value),
@@ -794,6 +934,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_metric",
         |mut c: C<'_>, id: i32, ptr: i32| -> R {
+            count(&mut c, "proxy_get_metric");
+            if let Some(code) = injected(&mut c, "proxy_get_metric") {
+                return Ok(code);
+            }
             let mut value = 0i64;
             let status = metric_update(c.data_mut(), id as u32, |m| match m.kind {
                 MetricKind::Histogram => Status::BadArgument,
@@ -825,6 +969,10 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          timeout_ms: i32,
          token_ptr: i32|
          -> R {
+            count(&mut c, "proxy_http_call");
+            if let Some(code) = injected(&mut c, "proxy_http_call") {
+                return Ok(code);
+            }
             let upstream = read_string(&mut c, upstream_ptr, upstream_size)?;
             let raw_headers = read(&mut c, headers_ptr, headers_size)?;
             let body = read(&mut c, body_ptr, body_size)?;
@@ -886,7 +1034,7 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_grpc_call",
-        |_: C<'_>,
+        |mut c: C<'_>,
          _: i32,
          _: i32,
          _: i32,
@@ -899,30 +1047,50 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          _: i32,
          _: i32,
          _: i32|
-         -> R { Ok(Status::InternalFailure.code()) },
+         -> R {
+            count(&mut c, "proxy_grpc_call");
+            Ok(Status::InternalFailure.code())
+        },
     )?;
     linker.func_wrap(
         "env",
         "proxy_grpc_stream",
-        |_: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| -> R {
+        |mut c: C<'_>,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32|
+         -> R {
+            count(&mut c, "proxy_grpc_stream");
             Ok(Status::InternalFailure.code())
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_grpc_send",
-        |_: C<'_>, _: i32, _: i32, _: i32, _: i32| -> R { Ok(Status::NotFound.code()) },
+        |mut c: C<'_>, _: i32, _: i32, _: i32, _: i32| -> R {
+            count(&mut c, "proxy_grpc_send");
+            Ok(Status::NotFound.code())
+        },
     )?;
-    linker.func_wrap("env", "proxy_grpc_cancel", |_: C<'_>, _: i32| -> R {
+    linker.func_wrap("env", "proxy_grpc_cancel", |mut c: C<'_>, _: i32| -> R {
+        count(&mut c, "proxy_grpc_cancel");
         Ok(Status::NotFound.code())
     })?;
-    linker.func_wrap("env", "proxy_grpc_close", |_: C<'_>, _: i32| -> R {
+    linker.func_wrap("env", "proxy_grpc_close", |mut c: C<'_>, _: i32| -> R {
+        count(&mut c, "proxy_grpc_close");
         Ok(Status::NotFound.code())
     })?;
     linker.func_wrap(
         "env",
         "proxy_call_foreign_function",
-        |_: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| -> R {
+        |mut c: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| -> R {
+            count(&mut c, "proxy_call_foreign_function");
             Ok(Status::NotFound.code())
         },
     )?;

@@ -81,6 +81,9 @@
 //!   from when they are known. Everything else a test sets with `set_property` on the stream,
 //!   the VM or the host (`source.address` as "ip:port", `route_name`, `upstream.address`, ...).
 //!   Unknown properties are NotFound.
+//! - Failing host calls: [`Vm::fail_host_call`] (or [`Host::fail_host_call`] for every VM,
+//!   from their start on) makes one import answer a chosen [`Status`] instead of doing its work,
+//!   once, `n` times or always; [`Vm::failed_host_calls`] counts the answers given.
 //! - WASI preview1 is provided with nothing inherited: stdout and stderr are captured
 //!   ([`Vm::stdout`]), clocks read the virtual clock, `random_get` is seeded
 //!   ([`Host::set_random_seed`]).
@@ -99,6 +102,7 @@ mod stream;
 mod types;
 mod vm;
 
+pub use abi::Status;
 pub use host::Host;
 pub use registry::{EtcdAnswer, HealthAnswer, ScriptedEtcd};
 pub use stream::HttpStream;

@@ -444,6 +444,20 @@ impl HttpStream {
             .collect()
     }
 
+    /// A property of this stream as the module set it (`proxy_set_property`, Envoy's filter
+    /// state) or the test did; `None` when there is none. What a test copies to the stream
+    /// of the next filter in a chain, as Envoy shares a stream's filter state between filters.
+    pub fn property(&self, path: impl PropertyPath) -> Option<Vec<u8>> {
+        let (id, segments) = (self.id, path.segments());
+        self.vm.with(|inner| {
+            inner
+                .state_mut()
+                .streams
+                .get(&id)
+                .and_then(|stream| stream.properties.get(&segments).cloned())
+        })
+    }
+
     /// Sets a property of this stream (over the VM's and the host's), e.g.
     /// `s.set_property("source.address", "10.0.0.1:5000")`.
     pub fn set_property(&self, path: impl PropertyPath, value: impl PropertyValue) {

@@ -23,6 +23,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{Deterministic, HostMonotonicClock, HostWallClock, WasiCtxBuilder};
 
+use super::abi::{Failure, Status};
 use super::engine;
 use super::host::{lock, Host, HostShared, EPOCH_START_NANOS, MAX_CHAINED_DELIVERIES};
 use super::stream::{HttpStream, StreamData};
@@ -80,14 +81,30 @@ pub(crate) struct VmState {
     /// asked of the module to hand it data (a host call that returns data enters the VM again).
     pub(crate) callbacks: u64,
     pub(crate) allocations: u64,
+    /// Callbacks per export name, and calls of each `env` host function by the module.
+    pub(crate) callback_counts: BTreeMap<String, u64>,
+    /// Host calls by (the callback the host was in, the host function).
+    pub(crate) host_calls: BTreeMap<(&'static str, &'static str), u64>,
+    /// The export the host is calling now (for `host_calls`).
+    pub(crate) current_callback: &'static str,
     /// How many times the module asked for each property path (found or not).
     pub(crate) property_reads: BTreeMap<Vec<String>, u64>,
+    /// Fuel the module consumed, by export (only with `KEEL_FUEL`, see `engine`).
+    pub(crate) fuel: BTreeMap<String, u64>,
+    /// With fuel: the fuel and host call at the last host call of the current callback, and the
+    /// fuel spent between consecutive host calls, by (callback, previous call, next call).
+    pub(crate) fuel_mark: Option<(u64, &'static str)>,
+    pub(crate) fuel_segments: BTreeMap<(&'static str, &'static str, &'static str), u64>,
     pub(crate) crashed: Option<String>,
     /// `proxy_get_status`: set to BrokenConnection/"reset" while a failed callout is delivered.
     pub(crate) status: (u32, String),
     /// Set by `proxy_send_local_response`: the current callback's result becomes StopIteration.
     pub(crate) stop_iteration: bool,
     pub(crate) done_called: bool,
+    /// Host calls this VM answers with a failing status (see [`Vm::fail_host_call`]).
+    pub(crate) failures: Vec<Failure>,
+    /// How many failing answers each host call gave, by import name.
+    pub(crate) failed_calls: BTreeMap<String, u64>,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
 }
@@ -171,6 +188,34 @@ enum Outcome {
     Trapped,
 }
 
+/// The callbacks' names as `'static` strings for the host-call counts (others: "other").
+fn callback_name(name: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "_initialize",
+        "_start",
+        "proxy_on_vm_start",
+        "proxy_on_configure",
+        "proxy_on_context_create",
+        "proxy_on_request_headers",
+        "proxy_on_request_body",
+        "proxy_on_request_trailers",
+        "proxy_on_response_headers",
+        "proxy_on_response_body",
+        "proxy_on_response_trailers",
+        "proxy_on_log",
+        "proxy_on_done",
+        "proxy_on_delete",
+        "proxy_on_tick",
+        "proxy_on_http_call_response",
+        "proxy_on_queue_ready",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == name)
+        .copied()
+        .unwrap_or("other")
+}
+
 impl VmInner {
     /// Calls an export with i32 arguments, the effective context set to `context`.
     fn call(&mut self, name: &str, context: u32, args: &[i32]) -> Outcome {
@@ -183,13 +228,35 @@ impl VmInner {
         {
             let st = self.store.data_mut();
             st.callbacks += 1;
+            *st.callback_counts.entry(name.to_string()).or_default() += 1;
+            st.current_callback = callback_name(name);
             st.effective = context;
             st.stop_iteration = false;
         }
         let params: Vec<Val> = args.iter().map(|a| Val::I32(*a)).collect();
         let ty = func.ty(&self.store);
         let mut results: Vec<Val> = ty.results().map(|_| Val::I32(0)).collect();
-        match func.call(&mut self.store, &params, &mut results) {
+        let fuel_before = self.store.get_fuel().ok();
+        self.store.data_mut().fuel_mark = fuel_before.map(|f| (f, "start"));
+        let called = func.call(&mut self.store, &params, &mut results);
+        if let (Some((mark, last)), Ok(after)) =
+            (self.store.data().fuel_mark, self.store.get_fuel())
+        {
+            let st = self.store.data_mut();
+            *st.fuel_segments
+                .entry((st.current_callback, last, "end"))
+                .or_default() += mark.saturating_sub(after);
+            st.fuel_mark = None;
+        }
+        if let (Some(before), Ok(after)) = (fuel_before, self.store.get_fuel()) {
+            *self
+                .store
+                .data_mut()
+                .fuel
+                .entry(name.to_string())
+                .or_default() += before.saturating_sub(after);
+        }
+        match called {
             Ok(()) => Outcome::Returned(results.first().and_then(Val::i32)),
             Err(error) => {
                 let message = format!("{name} trapped: {error:?}");
@@ -666,11 +733,100 @@ impl Vm {
         self.read(|st| (st.callbacks, st.allocations))
     }
 
+    /// Fuel spent between consecutive host calls, by (callback, previous host call or
+    /// `start`, next host call or `end`); empty unless `KEEL_FUEL` is set.
+    pub fn fuel_segments(&self) -> BTreeMap<(String, String, String), u64> {
+        self.read(|st| {
+            st.fuel_segments
+                .iter()
+                .map(|((a, b, c), n)| ((a.to_string(), b.to_string(), c.to_string()), *n))
+                .collect()
+        })
+    }
+
+    /// Fuel (about one unit per wasm instruction) the module consumed so far, by export; empty
+    /// unless `KEEL_FUEL` is set.
+    pub fn fuel(&self) -> BTreeMap<String, u64> {
+        self.read(|st| st.fuel.clone())
+    }
+
+    /// How many times the host has called each export of the module so far (callbacks by
+    /// name: `proxy_on_request_headers`, `proxy_on_done`, ...).
+    pub fn callback_counts(&self) -> BTreeMap<String, u64> {
+        self.read(|st| st.callback_counts.clone())
+    }
+
+    /// How many times the module has called each proxy-wasm host function so far (by import
+    /// name: `proxy_get_header_map_value`, `proxy_get_property`, ...). WASI calls are not
+    /// counted here.
+    pub fn host_calls(&self) -> BTreeMap<String, u64> {
+        self.read(|st| {
+            let mut calls = BTreeMap::new();
+            for ((_, name), n) in &st.host_calls {
+                *calls.entry(name.to_string()).or_default() += n;
+            }
+            calls
+        })
+    }
+
+    /// [`Vm::host_calls`] by the callback they were made in: `(callback, host function)`, e.g.
+    /// `("proxy_on_log", "proxy_set_shared_data")`.
+    pub fn host_calls_by_callback(&self) -> BTreeMap<(String, String), u64> {
+        self.read(|st| {
+            st.host_calls
+                .iter()
+                .map(|((cb, name), n)| ((cb.to_string(), name.to_string()), *n))
+                .collect()
+        })
+    }
+
     /// How many times the module asked for the property at `path` (found or not), e.g.
     /// `["xds", "route_name"]`: property reads are among a filter's dearer host calls.
     pub fn property_reads(&self, path: &[&str]) -> u64 {
         let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
         self.read(|st| st.property_reads.get(&path).copied().unwrap_or(0))
+    }
+
+    /// How many times the module asked for each property path so far (found or not).
+    pub fn property_read_counts(&self) -> BTreeMap<Vec<String>, u64> {
+        self.read(|st| st.property_reads.clone())
+    }
+
+    // ----- failing host calls -----
+
+    /// Makes the host call `call` (the import's name, `"proxy_set_shared_data"`) answer
+    /// `status` every time from now on, without doing its work, as a host under pressure or
+    /// without the capability would. Until [`Vm::heal_host_calls`].
+    pub fn fail_host_call(&self, call: &str, status: Status) {
+        self.plan_failure(call, status, None);
+    }
+
+    /// Makes the next `times` calls of `call` answer `status`; the calls after them work.
+    pub fn fail_host_call_times(&self, call: &str, status: Status, times: u64) {
+        self.plan_failure(call, status, Some(times));
+    }
+
+    /// Makes the next call of `call` answer `status`.
+    pub fn fail_host_call_once(&self, call: &str, status: Status) {
+        self.plan_failure(call, status, Some(1));
+    }
+
+    fn plan_failure(&self, call: &str, status: Status, remaining: Option<u64>) {
+        lock(&self.cell.inner).state_mut().failures.push(Failure {
+            call: call.to_string(),
+            status,
+            remaining,
+        });
+    }
+
+    /// Forgets every failure planned for this VM: host calls work again.
+    pub fn heal_host_calls(&self) {
+        lock(&self.cell.inner).state_mut().failures.clear();
+    }
+
+    /// How many times `call` answered a planned failure in this VM.
+    pub fn failed_host_calls(&self, call: &str) -> u64 {
+        self.read(|st| st.failed_calls.get(call).copied().unwrap_or(0))
     }
 
     /// Sets a property this VM's contexts see (over the host's, under a stream's).
@@ -823,16 +979,29 @@ impl VmBuilder {
             logs: Vec::new(),
             properties: BTreeMap::new(),
             property_reads: BTreeMap::new(),
+            fuel: BTreeMap::new(),
+            fuel_mark: None,
+            fuel_segments: BTreeMap::new(),
             callbacks: 0,
             allocations: 0,
+            callback_counts: BTreeMap::new(),
+            host_calls: BTreeMap::new(),
+            current_callback: "start",
             crashed: None,
             status: (0, String::new()),
             stop_iteration: false,
             done_called: false,
+            failures: Vec::new(),
+            failed_calls: BTreeMap::new(),
             stdout,
             stderr,
         };
         let mut store = Store::new(engine::engine(), state);
+        if engine::fuel_on() {
+            store
+                .set_fuel(u64::MAX / 2)
+                .map_err(|e| anyhow::anyhow!("setting fuel: {e:?}"))?;
+        }
         let instance = pre
             .instantiate(&mut store)
             .map_err(|e| anyhow::anyhow!("instantiating {}: {e:?}", self.path.display()))?;

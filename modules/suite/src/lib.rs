@@ -1,5 +1,5 @@
 //! `keel.wasm`: every Keel filter in one module, each selected by its plugin's `root_id`
-//! (`circuit_breaker`, `retry`, `rate_limit`, `picker`, `discovery`), built from the same filter
+//! (`circuit_breaker`, `retry`, `rate_limit`, `picker`, `discovery`, `idempotency`, `adaptive`), built from the same filter
 //! crates as the modules of one filter each; and root_id `pipeline`, one filter that runs
 //! several of them per request as stages (`keel_proxy::pipeline`, `docs/config/pipeline.md`).
 //!
@@ -27,12 +27,14 @@ const SUITE: &str = "suite";
 type Factory = fn(u32) -> Box<dyn RootContext>;
 
 /// The filters of the module, by root_id.
-const FILTERS: [(&str, Factory); 6] = [
+const FILTERS: [(&str, Factory); 8] = [
     ("circuit_breaker", keel_circuit_breaker::root),
     ("retry", keel_retry::root),
     ("rate_limit", keel_rate_limit::root),
     ("picker", keel_picker::root),
     ("discovery", keel_discovery::root),
+    ("idempotency", keel_idempotency::root),
+    ("adaptive", keel_adaptive::root),
     ("pipeline", pipeline),
 ];
 
@@ -44,6 +46,8 @@ const STAGES: Filters = &[
     ("rate_limit", keel_rate_limit::stage),
     ("picker", keel_picker::stage),
     ("discovery", keel_discovery::stage),
+    ("idempotency", keel_idempotency::stage),
+    ("adaptive", keel_adaptive::stage),
 ];
 
 /// The pipeline's root context.

@@ -15,9 +15,7 @@ mod bench {
     use std::hint::black_box;
 
     use criterion::{criterion_group, Criterion};
-    use keel_core::breaker::{
-        Admission, BreakerPolicy, Breakers, BreakersConfig, Outcome, Response,
-    };
+    use keel_core::breaker::{Admission, BreakerPolicy, Breakers, Outcome, Response};
     use keel_core::time::{Duration, Instant};
 
     fn policy(buckets: u32) -> Option<BreakerPolicy> {
@@ -26,8 +24,7 @@ mod bench {
                 "failure_rate": 0.5, "min_calls": 20, "open_for": "5s", "half_open_probes": 3,
                 "slow_call": {{"duration": "1s", "rate": 0.8}}}}]}}"#
         );
-        let config: BreakersConfig = serde_json::from_str(&json).ok()?;
-        let breakers = Breakers::try_from(&config).ok()?;
+        let breakers = keel_core::config::load::<Breakers>(json.as_bytes()).ok()?;
         breakers.policies().first().cloned()
     }
 

@@ -121,11 +121,12 @@ mod bench {
 
     fn plan_decide(c: &mut Criterion) {
         let mut group = c.benchmark_group("plan");
-        let config = RetryConfig::from_json(
+        let config = keel_core::config::load::<RetryConfig>(
             r#"{"policies": [{"name": "default", "cluster": "backend", "max_attempts": 3,
                 "retry_on": ["5xx", "rate-limited"],
                 "backoff": {"base": "25ms", "cap": "250ms", "jitter": "full"},
-                "budget": {"ratio": 0.2, "min_per_second": 10, "ttl": "10s"}}]}"#,
+                "budget": {"ratio": 0.2, "min_per_second": 10, "ttl": "10s"}}]}"#
+                .as_bytes(),
         )
         .unwrap();
         let policy = config.policies()[0].clone();

@@ -16,13 +16,17 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod adaptive;
 pub mod breaker;
 pub mod codec;
 pub mod config;
 pub mod discovery;
+pub mod fleet;
 pub mod hash;
+pub mod idempotency;
 pub mod limit;
 pub mod rand;
 pub mod retry;
+pub mod routes;
 pub mod store;
 pub mod time;

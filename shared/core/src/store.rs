@@ -29,7 +29,15 @@ pub trait SharedStore {
     /// Stores `value` under `key` if the stored version still is `cas` (`None`: write
     /// unconditionally, used only for values with a single writer).
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
+    /// Told when an [`update`] of `key` ran out of attempts (every one met a concurrent
+    /// write): a host store counts it in a metric. Does nothing by default.
+    fn exhausted(&self, _key: &str) {}
 }
+
+/// How many times an [`update`] tries before it reports contention, for every shared value of
+/// every filter: each try is two host calls, and eight cover the contention of a few workers on
+/// one hot key while bounding what one request can spend.
+pub const ATTEMPTS: u32 = 8;
 
 /// How an [`update`] ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -74,7 +82,23 @@ where
             Err(StoreError::Host) => return Err(UpdateError::Host),
         }
     }
+    store.exhausted(key);
     Err(UpdateError::Contended)
+}
+
+/// Creates `key` with `initial` if it has no value; whether it created it. Call it before
+/// traffic (when the configuration loads): hosts have no "create if absent", so the write is
+/// unconditional, and two workers racing here both write the same initial value, which is
+/// harmless; every write after it is a versioned compare-and-swap.
+pub fn ensure<S>(store: &S, key: &str, initial: &[u8]) -> Result<bool, StoreError>
+where
+    S: SharedStore + ?Sized,
+{
+    if store.get(key)?.is_some() {
+        return Ok(false);
+    }
+    store.set(key, initial, None)?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -158,5 +182,51 @@ mod tests {
             bump(old)
         });
         assert_eq!(result, Err(UpdateError::Contended));
+    }
+
+    /// A store that counts the exhausted updates it is told about.
+    #[derive(Default)]
+    struct Counting {
+        inner: MemoryStore,
+        exhausted: core::cell::Cell<u32>,
+    }
+
+    impl SharedStore for Counting {
+        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+            self.inner.set(key, value, cas)
+        }
+        fn exhausted(&self, _key: &str) {
+            self.exhausted.set(self.exhausted.get() + 1);
+        }
+    }
+
+    #[test]
+    fn the_store_is_told_of_exactly_the_exhausted_updates() {
+        let store = Counting::default();
+        assert_eq!(update(&store, "k", ATTEMPTS, bump), Ok(1));
+        let mut version = 100;
+        let result = update(&store, "k", ATTEMPTS, |old| {
+            version += 1;
+            store
+                .inner
+                .map
+                .borrow_mut()
+                .insert("k".into(), (vec![0], version));
+            bump(old)
+        });
+        assert_eq!(result, Err(UpdateError::Contended));
+        assert_eq!(version, 100 + ATTEMPTS, "every attempt ran");
+        assert_eq!(store.exhausted.get(), 1);
+    }
+
+    #[test]
+    fn ensure_creates_once_and_leaves_a_value_alone() {
+        let store = MemoryStore::default();
+        assert_eq!(ensure(&store, "k", &[7]), Ok(true));
+        assert_eq!(ensure(&store, "k", &[8]), Ok(false));
+        assert_eq!(store.get("k").unwrap().map(|(v, _)| v), Some(vec![7]));
     }
 }

@@ -1,7 +1,6 @@
 //! The host's clock.
 
 use keel_core::time::Instant;
-use proxy_wasm::hostcalls;
 
 /// The host's current time, in nanoseconds since the Unix epoch (the harness's virtual clock
 /// under test). A host that cannot tell the time gives the epoch, which makes every limiter
@@ -12,9 +11,7 @@ pub fn now() -> Instant {
 }
 
 fn read() -> Instant {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| Instant::from_nanos(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+    crate::host::current_time_nanos()
+        .map(Instant::from_nanos)
         .unwrap_or(Instant::ZERO)
 }

@@ -2,14 +2,16 @@
 //! answers in `on_http_call_response`.
 //!
 //! A failed call (connection refused, reset, no healthy host) reaches the module as a response
-//! with no headers at all; its headers must then not be read, because the host refuses the
-//! read and the SDK panics on that refusal. Every reader here takes the callback's
+//! with no headers at all; its headers must then not be read: the host refuses the read (a
+//! failure [`crate::host`] would report). Every reader here takes the callback's
 //! `num_headers` and answers `None` when it is 0. Bodies are read only up to a bound the caller
 //! gives, so a hostile or broken server cannot make a VM copy megabytes it will refuse anyway.
 
 use keel_core::time::Duration;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, Status};
+use proxy_wasm::types::Status;
+
+use crate::host::{self, Buffer, Map};
 
 /// Sends a request to `cluster` (headers with the pseudo-headers `:method`, `:path` and
 /// `:authority` first); the answer comes to the root context's `on_http_call_response` with the
@@ -43,7 +45,7 @@ pub fn header(num_headers: usize, name: &str) -> Option<Vec<u8>> {
     if num_headers == 0 {
         return None;
     }
-    hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, name)
+    host::get_header(Map::CallResponseHeaders, name)
         .ok()
         .flatten()
 }
@@ -57,10 +59,5 @@ pub fn body(body_size: usize, max: usize) -> Result<Vec<u8>, usize> {
     if body_size == 0 {
         return Ok(Vec::new());
     }
-    Ok(
-        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default(),
-    )
+    Ok(host::get_buffer(Buffer::CallResponseBody, 0, body_size).unwrap_or_default())
 }

@@ -3,43 +3,53 @@
 //! A filter's `lib.rs` reads what it needs from the host through this crate, hands plain values
 //! to `keel-core`, and turns the core's decision back into host calls through this crate:
 //!
+//! - [`host`]: the proxy-wasm host calls, made directly: every status the ABI defines comes
+//!   back as a value, and a failure is logged once and counted (`keel.host.<call>.failed`).
+//!   The only module with `unsafe`.
 //! - [`clock`]: the host's clock as a core [`Instant`](keel_core::time::Instant).
 //! - [`store`]: the host's shared data as a core [`SharedStore`](keel_core::store::SharedStore),
-//!   with a metric that counts compare-and-swap loops that ran out of attempts.
-//! - [`config`]: reads the plugin configuration, refuses a bad one with one log line that names
-//!   the field (`on_configure` then returns `false`, and Envoy refuses the filter).
-//! - [`request`]: headers (as bytes: the SDK's string accessors panic on non-UTF-8 values),
-//!   properties, the route name, and request keys from the selector syntax.
+//!   the one compare-and-swap update (one attempt budget, one metric for loops that ran out of
+//!   attempts) and the one way to create a key before traffic.
+//! - [`request`]: headers (as bytes: header values need not be UTF-8), properties, the route
+//!   name, and request keys from the selector syntax.
 //! - [`reply`]: local replies with headers.
 //! - [`http_call`]: callouts to Envoy clusters and reading their answers safely.
-//! - [`metrics`]: counters and gauges defined once per root context.
-//! - [`routes`]: which policies apply to a route name.
+//! - [`fleet`]: commands to the fleet store (Redis through Webdis) and their answers.
+//! - [`metrics`]: a filter's metric family (`keel.<filter>.<policy>.<what>`), counters, gauges,
+//!   and tallies flushed on the tick.
 //! - [`response`]: the response's status, headers and body chunks, and Envoy's response flags.
-//! - [`routing`]: the route name, the route's cluster and the upstream host (Envoy 1.40's
-//!   `xds.*` properties).
+//! - [`routing`]: the route name, the route's cluster (Envoy 1.40's `xds.*` properties) and the
+//!   upstream host a filter chose.
 //! - [`stream`]: copies of a request for replay, and acting on a held stream from the root
-//!   context (switch to it, resume it, answer in its place).
+//!   context (switch to it, answer in its place; [`stage`] resumes it).
 //! - [`stage`]: what a filter asks of whatever runs it (configuration, tick, resuming a stream
 //!   it paused): the host itself, or Keel's pipeline.
 //! - [`memo`]: one stream's host reads (route, cluster, status, time), shared by the stages of
 //!   a pipeline.
+//! - [`random`]: the seed of a VM's random generator.
 //! - [`pipeline`]: one Envoy filter that runs several Keel filters per request as stages, in
 //!   order, with one root context, one stream context and shared host reads.
 //!
 //! Every function here returns a value or an `Option`: host errors are logged or ignored, never
-//! unwrapped, because a panic in a VM takes down every request of its worker.
+//! unwrapped, because a panic in a VM takes down every request of its worker. For the same
+//! reason the host calls go through [`host`], not the SDK's `hostcalls`, which panic on
+//! statuses they do not expect.
+
+#![deny(unsafe_code)]
 
 pub mod clock;
-pub mod config;
+pub mod fleet;
+#[allow(unsafe_code)]
+pub mod host;
 pub mod http_call;
 pub mod log;
 pub mod memo;
 pub mod metrics;
 pub mod pipeline;
+pub mod random;
 pub mod reply;
 pub mod request;
 pub mod response;
-pub mod routes;
 pub mod routing;
 pub mod stage;
 pub mod store;

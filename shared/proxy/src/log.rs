@@ -1,11 +1,10 @@
 //! One-line logs that name the filter.
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::LogLevel;
+use crate::host::{self, LogLevel};
 
 fn emit(level: LogLevel, filter: &str, message: &str) {
     // A host that cannot log has nowhere to report that either.
-    let _ = hostcalls::log(level, &format!("keel {filter}: {message}"));
+    let _ = host::log(level, &format!("keel {filter}: {message}"));
 }
 
 /// Logs at error level: `keel <filter>: <message>`.

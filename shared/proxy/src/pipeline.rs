@@ -33,15 +33,15 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
 
-use keel_core::config::ConfigError;
+use keel_core::config::{ConfigError, Routes};
+use keel_core::routes::{self, Routed};
 use keel_core::time::{Duration, Instant};
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType};
+use proxy_wasm::types::{Action, ContextType};
 use serde::Deserialize;
 
+use crate::host::{self, Buffer, StreamType};
 use crate::memo::{self, Memo};
-use crate::routes::RouteMatch;
 use crate::stage::{Driver, Stage};
 use crate::{clock, log, routing};
 
@@ -66,7 +66,7 @@ struct PipelineSpec {
 struct StageSpec {
     filter: String,
     #[serde(default)]
-    routes: Option<Vec<String>>,
+    routes: Option<Routes>,
     config: serde_json::Value,
 }
 
@@ -102,12 +102,6 @@ fn validate(bytes: &[u8], names: &[&str]) -> Result<Vec<StageConfig>, ConfigErro
                     ),
                 ));
             };
-            if stage.routes.as_ref().is_some_and(Vec::is_empty) {
-                return Err(ConfigError::new(
-                    format!("stages[{i}].routes"),
-                    "expected at least one route name (leave it out for every route)",
-                ));
-            }
             if !stage.config.is_object() {
                 return Err(ConfigError::new(
                     format!("stages[{i}].config"),
@@ -121,7 +115,7 @@ fn validate(bytes: &[u8], names: &[&str]) -> Result<Vec<StageConfig>, ConfigErro
                 .map_err(|e| ConfigError::new(format!("stages[{i}].config"), e.to_string()))?;
             Ok(StageConfig {
                 filter,
-                routes: stage.routes,
+                routes: stage.routes.map(|r| r.names().to_vec()),
                 config,
             })
         })
@@ -181,8 +175,8 @@ impl Pipe {
         if want == self.host_tick_ms.get() {
             return true;
         }
-        let set =
-            hostcalls::set_tick_period(std::time::Duration::from_millis(want.unwrap_or(0))).is_ok();
+        let millis = u32::try_from(want.unwrap_or(0)).unwrap_or(u32::MAX);
+        let set = host::set_tick_period_ms(millis).is_ok();
         if set {
             self.host_tick_ms.set(want);
         }
@@ -219,8 +213,8 @@ impl Pipe {
             // Not held by this stage: nothing to resume.
             Some(None) => false,
             Some(Some(Action::Continue)) => match direction {
-                Direction::Request => hostcalls::resume_http_request().is_ok(),
-                Direction::Response => hostcalls::resume_http_response().is_ok(),
+                Direction::Request => host::continue_stream(StreamType::HttpRequest).is_ok(),
+                Direction::Response => host::continue_stream(StreamType::HttpResponse).is_ok(),
             },
             // A later stage holds it now, or answered.
             Some(Some(_)) => true,
@@ -279,7 +273,8 @@ impl Driver for StageDriver {
 // ----- the stages -----
 
 struct Slot {
-    routes: RouteMatch,
+    /// The routes the stage runs on (`None`: every route).
+    routes: Option<Vec<String>>,
     root: RefCell<Box<dyn RootContext>>,
     tick: Rc<TickSlot>,
 }
@@ -344,7 +339,7 @@ impl LaneInner {
         }
         let route = routing::route_name();
         for (stream, slot) in self.streams.iter_mut().zip(&set.slots) {
-            if !slot.routes.matches(route.as_deref()) {
+            if !slot.routes.applies_to(route.as_deref()) {
                 *stream = None;
             }
         }
@@ -605,10 +600,8 @@ impl Context for PipelineRoot {
 
 impl RootContext for PipelineRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let bytes =
+            host::get_buffer(Buffer::PluginConfiguration, 0, usize::MAX).unwrap_or_default();
         let names: Vec<&str> = self.filters.iter().map(|(name, _)| *name).collect();
         let stages = match validate(&bytes, &names) {
             Ok(stages) => stages,
@@ -646,7 +639,7 @@ impl RootContext for PipelineRoot {
                 None => name.to_string(),
             });
             slots.push(Slot {
-                routes: RouteMatch::new(stage.routes),
+                routes: stage.routes,
                 root: RefCell::new(root),
                 tick,
             });
@@ -655,7 +648,7 @@ impl RootContext for PipelineRoot {
             PIPELINE,
             &format!("configured stages: {}", described.join(", ")),
         );
-        let by_route = slots.iter().any(|s| s.routes != RouteMatch::new(None));
+        let by_route = routes::any_listed(&slots, |s| &s.routes);
         let old = std::mem::replace(
             &mut self.set,
             Rc::new(StageSet {
@@ -752,7 +745,11 @@ mod tests {
             "stages[1].filter: expected one of rate_limit, retry, got \"ratelimit\""
         );
         assert!(error(r#"{"stages": []}"#).starts_with("stages: expected at least one stage"));
-        assert!(error(r#"{"stages": [{"filter": "retry"}]}"#).contains("missing field `config`"));
+        // The config kit's rule for a required field: reported at its own path.
+        assert_eq!(
+            error(r#"{"stages": [{"filter": "retry"}]}"#),
+            "stages[0].config: required"
+        );
         assert_eq!(
             error(r#"{"stages": [{"filter": "retry", "config": []}]}"#),
             "stages[0].config: expected the retry filter's configuration, a JSON object"
@@ -763,7 +760,7 @@ mod tests {
         );
         assert!(
             error(r#"{"stages": [{"filter": "retry", "config": {}, "routes": []}]}"#)
-                .starts_with("stages[0].routes: expected at least one route name")
+                .starts_with("stages[0].routes: an empty list matches no route")
         );
         assert_eq!(
             error(r#"{"stages": [{"filter": "retry", "routes": ["a"], "config": {"x": 1}}]}"#),

@@ -1,7 +1,5 @@
 //! Local replies: the filter answers the client itself.
 
-use proxy_wasm::hostcalls;
-
 /// A response the filter sends in place of the upstream's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LocalReply {
@@ -22,7 +20,6 @@ impl LocalReply {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let body = (!self.body.is_empty()).then_some(self.body.as_slice());
-        hostcalls::send_http_response(self.status, headers, body).is_ok()
+        crate::host::send_local_response(self.status, &headers, &self.body).is_ok()
     }
 }

@@ -1,15 +1,12 @@
 //! What a filter reads of the current request.
 
+use crate::host::{self, Map};
 use keel_core::config::{find_cookie, find_query, path_only, strip_port, Selector};
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MapType;
 
-/// A request header's value as bytes (`None` when absent). Bytes, not `String`: the SDK's string
-/// accessors panic on a header that is not UTF-8, and headers come from clients.
+/// A request header's value as bytes (`None` when absent). Bytes, not `String`: headers come
+/// from clients and need not be UTF-8.
 pub fn header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
+    host::get_header(Map::RequestHeaders, name).ok().flatten()
 }
 
 /// A request header's value as text, if it is UTF-8.
@@ -19,13 +16,17 @@ pub fn header_str(name: &str) -> Option<String> {
 
 /// Sets (or replaces) a request header.
 pub fn set_header(name: &str, value: &str) {
-    let _ =
-        hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value.as_bytes()));
+    let _ = host::set_header(Map::RequestHeaders, name, Some(value.as_bytes()));
+}
+
+/// Removes a request header (every value of it).
+pub fn remove_header(name: &str) {
+    let _ = host::set_header(Map::RequestHeaders, name, None);
 }
 
 /// A response header's value as text, if present and UTF-8.
 pub fn response_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+    host::get_header(Map::ResponseHeaders, name)
         .ok()
         .flatten()
         .and_then(|v| String::from_utf8(v).ok())
@@ -33,12 +34,18 @@ pub fn response_header(name: &str) -> Option<String> {
 
 /// Adds a response header.
 pub fn add_response_header(name: &str, value: &str) {
-    let _ = hostcalls::add_map_value_bytes(MapType::HttpResponseHeaders, name, value.as_bytes());
+    let _ = host::add_header(Map::ResponseHeaders, name, value.as_bytes());
 }
 
 /// A host property as bytes (`["route_name"]`, `["source", "address"]`, ...).
 pub fn property(path: &[&str]) -> Option<Vec<u8>> {
-    hostcalls::get_property(path.to_vec()).ok().flatten()
+    host::get_property(path).ok().flatten()
+}
+
+/// Sets a property of the current stream (a hand-off to the other filters of the stream);
+/// `false` when the host refused it (reported once by [`host`]).
+pub fn set_property(path: &[&str], value: &[u8]) -> bool {
+    host::set_property(path, value).is_ok()
 }
 
 /// A host property as text.

@@ -1,4 +1,5 @@
-//! Where Envoy routes the current request: its route, its cluster, its upstream host.
+//! Where Envoy routes the current request: its route, its cluster, the upstream host a filter
+//! chose.
 //!
 //! Checked in Envoy 1.40 (v8): the route's name is the property `xds.route_name` (the older
 //! `route_name` is absent), and the route's cluster is `xds.cluster_name`, both readable from
@@ -9,14 +10,14 @@
 //! for an `ORIGINAL_DST` cluster ([`ORIGINAL_DST_HOST`]), as set by Keel's picker running
 //! earlier in the chain.
 
-use proxy_wasm::hostcalls;
+use crate::host::{self, Map};
 
 /// The request header an `ORIGINAL_DST` cluster with `use_http_header: true` routes by
 /// (`127.0.0.1:8080`); Keel's picker sets it.
 pub const ORIGINAL_DST_HOST: &str = "x-envoy-original-dst-host";
 
 fn property_text(path: &[&str]) -> Option<String> {
-    let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
+    let bytes = host::get_property(path).ok().flatten()?;
     String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
 }
 
@@ -42,17 +43,14 @@ pub fn cluster_name() -> Option<String> {
 /// The upstream host chosen ahead of the router, from the [`ORIGINAL_DST_HOST`] request header
 /// (readable while the request headers are lent). `None` when absent or not UTF-8.
 pub fn original_dst_host() -> Option<String> {
-    let bytes = hostcalls::get_map_value_bytes(
-        proxy_wasm::types::MapType::HttpRequestHeaders,
-        ORIGINAL_DST_HOST,
-    )
-    .ok()
-    .flatten()?;
+    let bytes = host::get_header(Map::RequestHeaders, ORIGINAL_DST_HOST)
+        .ok()
+        .flatten()?;
     String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
 }
 
-/// The address of the upstream host that served the request (`upstream.address`,
-/// `ip:port`), known from the response on.
+/// The address of the upstream host that served the request (`upstream.address`, `ip:port`),
+/// known from the response on.
 pub fn upstream_address() -> Option<String> {
     property_text(&["upstream", "address"])
 }

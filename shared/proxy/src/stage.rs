@@ -18,9 +18,8 @@
 
 use std::rc::Rc;
 
+use crate::host::{self, Buffer, StreamType};
 use keel_core::config::ConfigError;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::BufferType;
 
 /// What runs a filter: the host itself ([`Stage::alone`]) or a pipeline.
 pub trait Driver {
@@ -32,7 +31,7 @@ pub trait Driver {
     /// Sets the filter's tick period (zero stops it); `false` when the host has no ticks.
     fn set_tick_period(&self, period: std::time::Duration) -> bool;
     /// Lets the request of stream `context_id`, paused by this filter, go on. The stream is
-    /// the effective context ([`crate::stream::switch_to`]).
+    /// the effective context ([`Stage::resume_request`] switched to it).
     fn resume_request(&self, context_id: u32) -> bool;
     /// Lets the response of stream `context_id`, paused by this filter, go on. The stream is
     /// the effective context.
@@ -44,10 +43,7 @@ struct Alone;
 
 impl Driver for Alone {
     fn configuration(&self) -> Vec<u8> {
-        hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-            .ok()
-            .flatten()
-            .unwrap_or_default()
+        host::get_buffer(Buffer::PluginConfiguration, 0, usize::MAX).unwrap_or_default()
     }
 
     fn refuse(&self, filter: &str, error: &ConfigError) {
@@ -55,15 +51,15 @@ impl Driver for Alone {
     }
 
     fn set_tick_period(&self, period: std::time::Duration) -> bool {
-        hostcalls::set_tick_period(period).is_ok()
+        host::set_tick_period(period).is_ok()
     }
 
     fn resume_request(&self, _context_id: u32) -> bool {
-        hostcalls::resume_http_request().is_ok()
+        host::continue_stream(StreamType::HttpRequest).is_ok()
     }
 
     fn resume_response(&self, _context_id: u32) -> bool {
-        hostcalls::resume_http_response().is_ok()
+        host::continue_stream(StreamType::HttpResponse).is_ok()
     }
 }
 
@@ -104,16 +100,16 @@ impl Stage {
     }
 
     /// Lets the request of stream `context_id`, which this filter paused, go on (through the
-    /// pipeline's later stages first, in a pipeline). Call it with the stream as the effective
-    /// context.
+    /// pipeline's later stages first, in a pipeline). Makes the stream the effective context
+    /// first; `false` when the stream is gone.
     pub fn resume_request(&self, context_id: u32) -> bool {
-        self.0.resume_request(context_id)
+        crate::stream::switch_to(context_id) && self.0.resume_request(context_id)
     }
 
-    /// Lets the response of stream `context_id`, which this filter paused, go on. Call it with
-    /// the stream as the effective context.
+    /// Lets the response of stream `context_id`, which this filter paused, go on. Makes the
+    /// stream the effective context first; `false` when the stream is gone.
     pub fn resume_response(&self, context_id: u32) -> bool {
-        self.0.resume_response(context_id)
+        crate::stream::switch_to(context_id) && self.0.resume_response(context_id)
     }
 }
 

@@ -4,6 +4,7 @@
 //! keel-upstream --name users-1 --port 18091 [--bind 127.0.0.1] [--fail-rate 0.0] [--status 500]
 //!               [--etcd http://127.0.0.1:2379 --register /services/users/ [--ttl 3s]
 //!                [--advertise 10.0.0.7]]
+//!               [--capacity 20 --service 10ms [--queue 200] [--growth 0.0]]
 //! ```
 //!
 //! It answers `200` with its name as the body (header `x-upstream: <name>`), `/healthz` with
@@ -17,6 +18,10 @@
 //! kept alive every third of the TTL and granted again if etcd lost it; SIGTERM or SIGINT
 //! revoke the lease (the key vanishes at once) before the process exits
 //! (see `keel_upstream::registry`).
+//!
+//! With `--capacity N --service D` it serves like a real service of `N` workers: at most `N`
+//! requests at once for `D` each, the rest queued (up to `--queue`, default `10 N`), past that
+//! `503` (see `keel_upstream::capacity`); `POST /__keel/capacity` changes it at run time.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -29,7 +34,8 @@ use keel_upstream::{Mode, Upstream};
 
 const USAGE: &str = "usage: keel-upstream --name NAME --port PORT [--bind ADDRESS] \
                      [--fail-rate RATE] [--status STATUS] \
-                     [--etcd URL --register PREFIX [--ttl DURATION] [--advertise ADDRESS]]";
+                     [--etcd URL --register PREFIX [--ttl DURATION] [--advertise ADDRESS]] \
+                     [--capacity N --service DURATION [--queue N] [--growth F]]";
 
 struct Options {
     name: String,
@@ -41,6 +47,8 @@ struct Options {
     register: Option<String>,
     ttl: Duration,
     advertise: Option<IpAddr>,
+    /// The capacity flags, as the JSON `POST /__keel/capacity` takes.
+    capacity: serde_json::Map<String, serde_json::Value>,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -54,6 +62,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         register: None,
         ttl: Duration::from_secs(3),
         advertise: None,
+        capacity: serde_json::Map::new(),
     };
     let mut port = None;
     let mut args = args.iter();
@@ -107,6 +116,31 @@ fn parse(args: &[String]) -> Result<Options, String> {
                         format!("--advertise: expected an IP address, got {value:?}")
                     })?)
             }
+            "--capacity" | "--queue" => {
+                let n: u64 = value
+                    .parse()
+                    .map_err(|_| format!("{flag}: expected a whole number, got {value:?}"))?;
+                options.capacity.insert(
+                    if flag == "--capacity" {
+                        "concurrency"
+                    } else {
+                        "queue"
+                    }
+                    .to_string(),
+                    n.into(),
+                );
+            }
+            "--service" => {
+                options
+                    .capacity
+                    .insert("service".to_string(), value.clone().into());
+            }
+            "--growth" => {
+                let g: f64 = value
+                    .parse()
+                    .map_err(|_| format!("--growth: expected a number, got {value:?}"))?;
+                options.capacity.insert("growth".to_string(), g.into());
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -154,6 +188,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if !options.capacity.is_empty() {
+        match keel_upstream::control::capacity_from_json(&serde_json::Value::Object(
+            options.capacity.clone(),
+        )) {
+            Ok(capacity) => upstream.set_capacity(capacity),
+            Err(message) => {
+                eprintln!("keel-upstream: capacity flags: {message}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     if options.fail_rate > 0.0 {
         upstream.set_mode(Mode::FailRate {
             rate: options.fail_rate,

@@ -43,10 +43,9 @@ use alloc::vec::Vec;
 
 use xxhash_rust::xxh64::Xxh64;
 
-use super::config::FallbackSpec;
-use super::reply::header_name;
+use super::wire::FallbackSpec;
 use crate::codec::{Reader, Writer};
-use crate::config::{parse_positive_duration, ConfigError, FieldPath, Selector};
+use crate::config::{ConfigError, FieldPath, Selector};
 use crate::time::{Duration, Instant};
 
 /// The entry layout version written in the first byte.
@@ -58,9 +57,9 @@ const MAX_HEADERS: usize = 100;
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_BODY: u32 = 64 * 1024;
-const LIMIT_MAX_BODY: u64 = 4 * 1024 * 1024;
+pub(crate) const LIMIT_MAX_BODY: u64 = 4 * 1024 * 1024;
 const DEFAULT_MAX_ENTRIES: u32 = 256;
-const LIMIT_MAX_ENTRIES: u64 = 65_536;
+pub(crate) const LIMIT_MAX_ENTRIES: u64 = 65_536;
 
 /// The validated `fallback` settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,36 +77,22 @@ impl FallbackPolicy {
         path: &FieldPath,
         spec: &FallbackSpec,
     ) -> Result<Option<FallbackPolicy>, ConfigError> {
-        let max_age = match &spec.max_age {
-            None => DEFAULT_MAX_AGE,
-            Some(text) => parse_positive_duration(&path.field("max_age"), text)?,
-        };
-        let max_body_bytes = match spec.max_body_bytes {
-            None => DEFAULT_MAX_BODY,
-            Some(n @ 1..=LIMIT_MAX_BODY) => n as u32,
-            Some(n) => {
-                return Err(path
-                    .field("max_body_bytes")
-                    .error(format!("must be 1 to {LIMIT_MAX_BODY}, got {n}")))
-            }
-        };
-        let max_entries = match spec.max_entries {
-            None => DEFAULT_MAX_ENTRIES,
-            Some(n @ 1..=LIMIT_MAX_ENTRIES) => n as u32,
-            Some(n) => {
-                return Err(path
-                    .field("max_entries")
-                    .error(format!("must be 1 to {LIMIT_MAX_ENTRIES}, got {n}")))
-            }
-        };
+        let max_age = spec.max_age.map_or(DEFAULT_MAX_AGE, |d| d.0);
+        let max_body_bytes = spec
+            .max_body_bytes
+            .map_or(DEFAULT_MAX_BODY, |n| n.get_u32());
+        let max_entries = spec
+            .max_entries
+            .map_or(DEFAULT_MAX_ENTRIES, |n| n.get_u32());
         let key = match &spec.key {
             None => Selector::Path,
             Some(text) => Selector::parse(&path.field("key"), text)?,
         };
-        let header = match &spec.header {
-            None => DEFAULT_HEADER.to_owned(),
-            Some(text) => header_name(&path.field("header"), text)?,
-        };
+        let header = spec
+            .header
+            .as_ref()
+            .map_or(DEFAULT_HEADER, |h| h.as_str())
+            .to_owned();
         if spec.enabled == Some(false) {
             return Ok(None);
         }
@@ -368,13 +353,15 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
-    use crate::breaker::{Breakers, BreakersConfig};
+    use crate::breaker::Breakers;
     use crate::rand::{Rng, SeededRng};
     use alloc::vec;
 
     fn policy(json: &str) -> crate::breaker::BreakerPolicy {
-        let c: BreakersConfig = serde_json::from_str(json).unwrap();
-        Breakers::try_from(&c).unwrap().policies()[0].clone()
+        crate::config::load::<Breakers>(json.as_bytes())
+            .unwrap()
+            .policies()[0]
+            .clone()
     }
 
     fn fallback() -> FallbackPolicy {

@@ -33,9 +33,9 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use super::config::{BreakerPolicy, Mode};
 use super::outcome::Outcome;
-use super::state::{bucket_index, peek_phase, BreakerState, Phase, Probes};
+use super::policy::{BreakerPolicy, Mode};
+use super::state::{add_to_closed_head, bucket_index, peek_phase, BreakerState, Phase, Probes};
 use super::window::{Totals, Window};
 use crate::time::{Duration, Instant};
 
@@ -301,6 +301,34 @@ impl BreakerPolicy {
         if matches!(self.mode, Mode::Disabled | Mode::ForcedOpen) {
             return (None, None);
         }
+        // The common case: a closed breaker counts the outcome in its current bucket, and the
+        // window does not trip. Patched in place, to the bytes the full path below writes.
+        if let Some(bytes) = state {
+            let mut patched = bytes.to_vec();
+            let index = bucket_index(now, self.bucket_width);
+            if let Some(totals) = add_to_closed_head(
+                &mut patched,
+                self.buckets,
+                self.bucket_width,
+                index,
+                outcome,
+            ) {
+                if self.trip_reason(&totals).is_none() {
+                    return (Some(patched), None);
+                }
+            }
+        }
+        self.record_decoded(state, now, outcome, probe)
+    }
+
+    /// [`BreakerPolicy::record`] through the decoded state: every case.
+    fn record_decoded(
+        &self,
+        state: Option<&[u8]>,
+        now: Instant,
+        outcome: Outcome,
+        probe: Option<ProbeTicket>,
+    ) -> (Option<Vec<u8>>, Option<Transition>) {
         let mut s = self.load(state, now);
         let transition = match s.phase {
             Phase::Open => return (None, None),
@@ -440,7 +468,7 @@ mod tests {
 
     use super::*;
     use crate::breaker::outcome::Response;
-    use crate::breaker::{Breakers, BreakersConfig};
+    use crate::breaker::Breakers;
     use crate::rand::{Rng, SeededRng};
     use crate::store::testing::MemoryStore;
     use crate::store::{update, SharedStore};
@@ -451,8 +479,10 @@ mod tests {
 
     fn policy(fields: &str) -> BreakerPolicy {
         let json = format!(r#"{{"breakers": [{{"name": "orders", {fields}}}]}}"#);
-        let c: BreakersConfig = serde_json::from_str(&json).unwrap();
-        Breakers::try_from(&c).unwrap().policies()[0].clone()
+        crate::config::load::<Breakers>(json.as_bytes())
+            .unwrap()
+            .policies()[0]
+            .clone()
     }
 
     fn secs(n: u64) -> Duration {
@@ -509,6 +539,86 @@ mod tests {
         fn rejected(&mut self) -> bool {
             matches!(self.admit().admission, Admission::Reject { .. })
         }
+    }
+
+    /// The in-place update of a closed state's head bucket writes exactly what the decoded
+    /// path writes, and reports the same transitions: random outcomes at random times (same
+    /// bucket, the next ones, far later, earlier), through opening, half-open and closing
+    /// again, plus states the shortcut must refuse (another window shape, damaged bytes).
+    #[test]
+    fn recording_in_place_writes_what_the_decoded_path_writes() {
+        let outcomes = [
+            Outcome::Success,
+            Outcome::Failure,
+            Outcome::SlowSuccess,
+            Outcome::SlowFailure,
+            Outcome::Ignored,
+        ];
+        let shapes = [
+            r#""failure_rate": 0.5, "min_calls": 20, "open_for": "5s", "half_open_probes": 3"#,
+            r#""window": "3s", "buckets": 3, "failure_rate": 0.3, "min_calls": 4, "slow_call": {"duration": "1s", "rate": 0.5}, "open_for": "1s""#,
+            r#""window": "60s", "buckets": 60, "failure_rate": 0.9, "min_calls": 100"#,
+        ];
+        let mut rng = SeededRng::new(17);
+        let mut shortcut = 0;
+        for fields in shapes {
+            let mut b = Bench::new(fields);
+            let other = policy(r#""window": "20s", "buckets": 4, "failure_rate": 0.5"#);
+            for step in 0..4000 {
+                match rng.below(10) {
+                    0 => b.wait(Duration::from_millis(rng.below(3000))),
+                    1 => {
+                        b.now = Instant::from_nanos(
+                            b.now.as_nanos().saturating_sub(rng.below(2_000_000_000)),
+                        )
+                    }
+                    _ => {}
+                }
+                let probe = match b.admit().admission {
+                    Admission::Probe(t) => Some(t),
+                    _ => None,
+                };
+                let o = outcomes[rng.below(5) as usize];
+                let mut state = b.state.clone();
+                if step % 97 == 0 {
+                    // Damaged bytes: one byte flipped somewhere.
+                    if let Some(bytes) = state.as_mut() {
+                        let at = rng.below(bytes.len() as u64) as usize;
+                        bytes[at] ^= 1 << rng.below(8);
+                    }
+                }
+                let fast = b.policy.record(state.as_deref(), b.now, o, probe);
+                let slow = b.policy.record_decoded(state.as_deref(), b.now, o, probe);
+                assert_eq!(fast, slow, "step {step} of {fields}");
+                if let Some(bytes) = state.as_deref() {
+                    // Another window shape: the shortcut refuses, both restart the window.
+                    let mut copy = bytes.to_vec();
+                    let index = bucket_index(b.now, other.bucket_width);
+                    if add_to_closed_head(&mut copy, other.buckets, other.bucket_width, index, o)
+                        .is_some()
+                    {
+                        panic!("step {step}: another shape's state taken in place");
+                    }
+                    let mut copy = bytes.to_vec();
+                    let index = bucket_index(b.now, b.policy.bucket_width);
+                    if add_to_closed_head(
+                        &mut copy,
+                        b.policy.buckets,
+                        b.policy.bucket_width,
+                        index,
+                        o,
+                    )
+                    .is_some()
+                    {
+                        shortcut += 1;
+                    }
+                }
+                if let (Some(n), false) = (fast.0, step % 97 == 0) {
+                    b.state = Some(n);
+                }
+            }
+        }
+        assert!(shortcut > 1000, "the shortcut was taken {shortcut} times");
     }
 
     /// 4 permits, opened once by 3 failures + 2 successes.

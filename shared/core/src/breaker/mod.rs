@@ -11,11 +11,12 @@
 //!
 //! # Using it from the glue
 //!
-//! 1. At load: parse the JSON into [`BreakersConfig`], then `Breakers::try_from(&config)`.
+//! 1. At load: `config::load::<Breakers>(bytes)` reads the JSON into the wire structs
+//!    ([`wire`]) and validates them into [`Breakers`].
 //!    Errors name the field path (`breakers[0].failure_rate: must be in (0, 1], got 1.5`).
 //!    Create a scope-`policy` key that does not exist yet with
 //!    [`BreakerPolicy::initial_state`], so that every later write is a compare-and-swap.
-//! 2. On request headers: pick the policy with [`Breakers::for_route`] and the shared-data key
+//! 2. On request headers: pick the policy with [`crate::routes::first`] and the shared-data key
 //!    with [`BreakerPolicy::state_key`] (for scopes `cluster` and `host`, track at most
 //!    [`BreakerPolicy::max_instances`] instances), then
 //!    `store::update(store, &key, attempts, |s| policy.admit(s, now))` gives a [`Decision`]
@@ -97,21 +98,22 @@
 //! - Open lasts within `[open_for, max_open_for]`; outcomes recorded while open change nothing.
 //! - Each transition is returned by exactly one `admit` or `record` whose write succeeded.
 
-mod config;
 pub mod fallback;
 mod machine;
 mod outcome;
+mod policy;
 mod reply;
 pub mod state;
+pub mod steer;
 mod window;
+pub mod wire;
 
-pub use config::{
-    BreakerPolicy, BreakerSpec, Breakers, BreakersConfig, FailureSpec, FallbackSpec, Mode,
-    OpenReplySpec, Ratio, Scope, SlowCallSpec, StatusSpec,
-};
 pub use fallback::{FallbackEntry, FallbackPolicy};
 pub use machine::{Admission, Decision, ProbeTicket, Reason, Transition};
 pub use outcome::{FailurePolicy, Outcome, Response, StatusSet};
-pub use reply::{OpenReply, Reply};
+pub use policy::{BreakerPolicy, Breakers, Mode, Ratio, Scope};
+pub use reply::Reply;
 pub use state::{BreakerState, Phase, Probes};
+pub use steer::{host_state_key, steering, Steering};
 pub use window::{Tally, Totals, Window};
+pub use wire::{BreakerSpec, BreakersConfig, FailureSpec, FallbackSpec, SlowCallSpec, StatusSpec};

@@ -10,13 +10,12 @@
 //! `retry-after` is never configured by hand (the breaker owns it).
 
 use alloc::borrow::ToOwned;
-use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use super::config::{BreakerPolicy, OpenReplySpec};
 use super::fallback::FallbackEntry;
-use crate::config::{ConfigError, FieldPath};
+use super::policy::BreakerPolicy;
+use crate::config::LocalReply;
 use crate::time::{Duration, Instant};
 
 /// A local reply for the glue to send as is.
@@ -30,90 +29,15 @@ pub struct Reply {
     pub body: Vec<u8>,
 }
 
-/// The validated `open_reply` settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OpenReply {
-    status: u16,
-    body: String,
-    headers: Vec<(String, String)>,
-}
-
 const DEFAULT_BODY: &str = "circuit breaker open\n";
-const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 
-impl Default for OpenReply {
-    /// `503`, a one-line text body.
-    fn default() -> Self {
-        OpenReply {
-            status: 503,
-            body: DEFAULT_BODY.to_owned(),
-            headers: alloc::vec![("content-type".to_owned(), TEXT_PLAIN.to_owned())],
-        }
-    }
+/// The open reply without an `open_reply` section: `503`, a one-line text body.
+pub(crate) fn default_open_reply() -> LocalReply {
+    LocalReply::new(503, DEFAULT_BODY)
 }
 
-impl OpenReply {
-    /// The reply's status.
-    pub fn status(&self) -> u16 {
-        self.status
-    }
-
-    /// Validates `open_reply` at `path`. A body without a `content-type` header is sent as
-    /// `text/plain; charset=utf-8`.
-    pub(crate) fn from_spec(
-        path: &FieldPath,
-        spec: &OpenReplySpec,
-    ) -> Result<OpenReply, ConfigError> {
-        let status = match spec.status {
-            None => 503,
-            Some(s @ 200..=599) => s as u16,
-            Some(s) => {
-                return Err(path
-                    .field("status")
-                    .error(format!("must be a status 200 to 599, got {s}")))
-            }
-        };
-        let body = spec.body.clone().unwrap_or_else(|| DEFAULT_BODY.to_owned());
-        let mut headers = Vec::new();
-        for (name, value) in spec.headers.iter().flatten() {
-            let at = path.field("headers").field(name);
-            let name = header_name(&at, name)?;
-            if matches!(
-                name.as_str(),
-                "retry-after" | "content-length" | "transfer-encoding" | "connection"
-            ) {
-                return Err(at.error(format!("\"{name}\" is set by the breaker or the proxy")));
-            }
-            headers.push((name, header_value(&at, value)?));
-        }
-        if !body.is_empty() && !headers.iter().any(|(n, _)| n == "content-type") {
-            headers.push(("content-type".to_owned(), TEXT_PLAIN.to_owned()));
-        }
-        Ok(OpenReply {
-            status,
-            body,
-            headers,
-        })
-    }
-}
-
-/// A lower-cased HTTP field name (an RFC 9110 token), or an error at `path`.
-pub(crate) fn header_name(path: &FieldPath, name: &str) -> Result<String, ConfigError> {
-    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if name.is_empty() || !name.bytes().all(tchar) {
-        return Err(path.error(format!(
-            "a header name must be a non-empty token (letters, digits, '-', ...), got \"{name}\""
-        )));
-    }
-    Ok(name.to_ascii_lowercase())
-}
-
-fn header_value(path: &FieldPath, value: &str) -> Result<String, ConfigError> {
-    if value.bytes().any(|b| (b < b' ' && b != b'\t') || b == 0x7f) {
-        return Err(path.error("a header value must not hold control characters (CR, LF, NUL)"));
-    }
-    Ok(value.to_owned())
-}
+/// Headers an `open_reply` may not set: the breaker sets `retry-after` itself.
+pub(crate) const RESERVED_HEADERS: [&str; 1] = ["retry-after"];
 
 impl BreakerPolicy {
     /// The local reply for a refused request. `retry_after` (from
@@ -165,11 +89,13 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
-    use crate::breaker::{Breakers, BreakersConfig};
+    use crate::breaker::Breakers;
 
     fn policy(json: &str) -> BreakerPolicy {
-        let c: BreakersConfig = serde_json::from_str(json).unwrap();
-        Breakers::try_from(&c).unwrap().policies()[0].clone()
+        crate::config::load::<Breakers>(json.as_bytes())
+            .unwrap()
+            .policies()[0]
+            .clone()
     }
 
     #[test]
@@ -179,9 +105,10 @@ mod tests {
         assert_eq!(r.status, 503);
         assert_eq!(r.body, DEFAULT_BODY.as_bytes());
         assert!(r.headers.contains(&("retry-after".into(), "5".into())));
-        assert!(r
-            .headers
-            .contains(&("content-type".into(), TEXT_PLAIN.into())));
+        assert!(r.headers.contains(&(
+            "content-type".into(),
+            crate::config::fields::TEXT_PLAIN.into()
+        )));
         let r = p.open_reply(Some(Duration::from_nanos(1)));
         assert!(r.headers.contains(&("retry-after".into(), "1".into())));
         let r = p.open_reply(None);

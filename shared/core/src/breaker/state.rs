@@ -267,6 +267,97 @@ impl BreakerState {
     }
 }
 
+/// One outcome added to the head bucket of an encoded closed state, in place: the bytes that
+/// decoding, [`Window::add`] at bucket `index` and encoding would give, without the decode and
+/// the encode (the breaker's common case, on every response). Returns the window's new
+/// totals; `None`, leaving `bytes` untouched, unless `bytes` is a state [`BreakerState::decode`]
+/// accepts, closed, in `buckets` buckets of `width` (else loading it restarts the window), with
+/// `index` not after its head (else the window advances first), an outcome to count, and room
+/// in the head bucket: the caller then takes the full decode.
+pub(crate) fn add_to_closed_head(
+    bytes: &mut [u8],
+    buckets: u8,
+    width: Duration,
+    index: u64,
+    outcome: super::outcome::Outcome,
+) -> Option<Totals> {
+    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+        Some(u16::from_le_bytes(*b.get(at..)?.first_chunk::<2>()?))
+    }
+    fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+        Some(u32::from_le_bytes(*b.get(at..)?.first_chunk::<4>()?))
+    }
+    fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+        Some(u64::from_le_bytes(*b.get(at..)?.first_chunk::<8>()?))
+    }
+    fn put_u32(b: &mut [u8], at: usize, v: u32) -> Option<()> {
+        b.get_mut(at..at + 4)?.copy_from_slice(&v.to_le_bytes());
+        Some(())
+    }
+    fn put_u64(b: &mut [u8], at: usize, v: u64) -> Option<()> {
+        b.get_mut(at..at + 8)?.copy_from_slice(&v.to_le_bytes());
+        Some(())
+    }
+    if outcome == super::outcome::Outcome::Ignored {
+        return None;
+    }
+    // What `decode` checks, in its order, then what `load` and `Window::add` need.
+    let [LAYOUT_VERSION, phase, count, 0, ..] = *bytes else {
+        return None;
+    };
+    if Phase::from_code(phase)? != Phase::Closed
+        || count == 0
+        || count > MAX_BUCKETS
+        || bytes.len() != BreakerState::encoded_len(count)
+    {
+        return None;
+    }
+    let (issued, done) = (u16_at(bytes, 44)?, u16_at(bytes, 46)?);
+    let (failed, slow) = (u16_at(bytes, 48)?, u16_at(bytes, 50)?);
+    if done > issued || failed > done || slow > done {
+        return None;
+    }
+    let head = u64_at(bytes, 60)?;
+    let totals = Totals {
+        calls: u64_at(bytes, 68)?,
+        failures: u64_at(bytes, 76)?,
+        slow: u64_at(bytes, 84)?,
+    };
+    let mut sum = Totals::default();
+    for bucket in bytes.get(HEADER_LEN..)?.chunks_exact(BUCKET_LEN) {
+        let (calls, failures, slow) = (u32_at(bucket, 0)?, u32_at(bucket, 4)?, u32_at(bucket, 8)?);
+        if failures > calls || slow > calls {
+            return None;
+        }
+        sum.calls += u64::from(calls);
+        sum.failures += u64::from(failures);
+        sum.slow += u64::from(slow);
+    }
+    if sum != totals || count != buckets || u64_at(bytes, 36)? != width.as_nanos() || index > head {
+        return None;
+    }
+    // The head bucket's slot, as `Window::slot` computes it.
+    let at = HEADER_LEN + BUCKET_LEN * usize::try_from(head % u64::from(count)).ok()?;
+    let calls = u32_at(bytes, at)?;
+    if calls == u32::MAX {
+        return None;
+    }
+    let failure = u32::from(outcome.is_failure());
+    let slow_call = u32::from(outcome.is_slow());
+    let new = Totals {
+        calls: totals.calls + 1,
+        failures: totals.failures + u64::from(failure),
+        slow: totals.slow + u64::from(slow_call),
+    };
+    put_u32(bytes, at, calls + 1)?;
+    put_u32(bytes, at + 4, u32_at(bytes, at + 4)? + failure)?;
+    put_u32(bytes, at + 8, u32_at(bytes, at + 8)? + slow_call)?;
+    put_u64(bytes, 68, new.calls)?;
+    put_u64(bytes, 76, new.failures)?;
+    put_u64(bytes, 84, new.slow)?;
+    Some(new)
+}
+
 /// The phase byte of an encoded state, reading nothing else: `None` when the bytes are not
 /// layout version 1. A full [`BreakerState::decode`] can still refuse what this accepts.
 pub(crate) fn peek_phase(bytes: &[u8]) -> Option<Phase> {

@@ -47,7 +47,9 @@ use super::registry::{
     check_zone, parse_ip, port_from, priority_from, weight_from, DiscoveredEndpoint, ParseLimits,
     SkipReason,
 };
-use crate::config::{check_names, parse_duration, parse_positive_duration, ConfigError, FieldPath};
+use crate::config::{
+    validate_each, AnyDuration, ConfigError, FieldPath, Name, PositiveDuration, Validate,
+};
 use crate::time::Duration;
 
 /// Default time between registry reads.
@@ -92,12 +94,12 @@ pub struct DiscoverySpec {
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     /// The service's name in Keel (keys, metrics).
-    pub name: String,
+    pub name: Name,
     /// Where its endpoints come from.
     pub source: SourceSpec,
     /// Time between registry reads.
     #[serde(default)]
-    pub refresh: Option<String>,
+    pub refresh: Option<PositiveDuration>,
     /// Active health checks.
     #[serde(default)]
     pub health_check: Option<HealthCheckSpec>,
@@ -106,7 +108,7 @@ pub struct ServiceSpec {
     pub passive: Option<PassiveSpec>,
     /// How old the last good answer may get before it is flagged expired.
     #[serde(default)]
-    pub max_stale: Option<String>,
+    pub max_stale: Option<PositiveDuration>,
     /// The most endpoints kept.
     #[serde(default)]
     pub max_endpoints: Option<u64>,
@@ -144,7 +146,7 @@ pub struct ConsulSpec {
     pub service: String,
     /// The blocking wait.
     #[serde(default)]
-    pub wait: Option<String>,
+    pub wait: Option<PositiveDuration>,
     /// The datacenter (the agent's own when absent).
     #[serde(default)]
     pub dc: Option<String>,
@@ -180,10 +182,10 @@ pub struct HealthCheckSpec {
     pub cluster: Option<String>,
     /// Time between two checks of one endpoint.
     #[serde(default)]
-    pub interval: Option<String>,
+    pub interval: Option<PositiveDuration>,
     /// How long one check may take.
     #[serde(default)]
-    pub timeout: Option<String>,
+    pub timeout: Option<PositiveDuration>,
     /// Consecutive failures that make a healthy endpoint unhealthy.
     #[serde(default)]
     pub unhealthy_threshold: Option<u64>,
@@ -204,10 +206,10 @@ pub struct PassiveSpec {
     pub consecutive_failures: Option<u64>,
     /// The first ejection's length; the n-th lasts n times this.
     #[serde(default)]
-    pub base_ejection: Option<String>,
+    pub base_ejection: Option<PositiveDuration>,
     /// The longest ejection.
     #[serde(default)]
-    pub max_ejection: Option<String>,
+    pub max_ejection: Option<AnyDuration>,
     /// The largest share of a service's hosts ejected at once, in percent.
     #[serde(default)]
     pub max_ejection_percent: Option<u64>,
@@ -344,28 +346,15 @@ impl Default for PassivePolicy {
 }
 
 impl DiscoveryConfig {
-    /// Parses and validates a JSON document. Errors of the first stage (syntax, unknown
-    /// fields) carry serde's position rather than a field path; keel-proxy's loader, which
-    /// tracks paths, is the preferred entry point for the glue.
-    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let spec: DiscoverySpec = serde_json::from_str(text)
-            .map_err(|e| ConfigError::new("", format!("invalid configuration: {e}")))?;
-        Self::from_spec(&spec)
-    }
-
     /// Validates a parsed document.
-    pub fn from_spec(spec: &DiscoverySpec) -> Result<Self, ConfigError> {
-        let root = FieldPath::root().field("services");
-        if spec.services.is_empty() {
-            return Err(root.error("must list at least one service"));
-        }
-        check_names(&root, "name", spec.services.iter().map(|s| s.name.as_str()))?;
-        let services = spec
-            .services
-            .iter()
-            .enumerate()
-            .map(|(i, s)| ServiceConfig::from_spec(&root.index(i), s))
-            .collect::<Result<Vec<_>, _>>()?;
+    fn from_spec(spec: &DiscoverySpec) -> Result<Self, ConfigError> {
+        let services = validate_each(
+            &FieldPath::root().field("services"),
+            "service",
+            &spec.services,
+            |s| s.name.as_str(),
+            ServiceConfig::from_spec,
+        )?;
         let admin_path = match &spec.admin_path {
             None => None,
             Some(p) => {
@@ -403,22 +392,16 @@ impl DiscoveryConfig {
     }
 }
 
-impl TryFrom<&DiscoverySpec> for DiscoveryConfig {
-    type Error = ConfigError;
-    fn try_from(spec: &DiscoverySpec) -> Result<Self, ConfigError> {
+impl Validate for DiscoveryConfig {
+    type Wire = DiscoverySpec;
+    fn validate(spec: &DiscoverySpec) -> Result<Self, ConfigError> {
         DiscoveryConfig::from_spec(spec)
     }
 }
 
-fn duration_or(
-    path: &FieldPath,
-    text: &Option<String>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    match text {
-        Some(t) => parse_positive_duration(path, t),
-        None => Ok(default),
-    }
+/// The duration written, or `default`.
+fn duration_or(value: Option<PositiveDuration>, default: Duration) -> Duration {
+    value.map_or(default, |d| d.0)
 }
 
 fn count(path: &FieldPath, value: Option<u64>, default: u32, max: u32) -> Result<u32, ConfigError> {
@@ -450,7 +433,7 @@ fn check_token(path: &FieldPath, text: &str, what: &str) -> Result<(), ConfigErr
 
 impl ServiceConfig {
     fn from_spec(path: &FieldPath, spec: &ServiceSpec) -> Result<Self, ConfigError> {
-        let refresh = duration_or(&path.field("refresh"), &spec.refresh, DEFAULT_REFRESH)?;
+        let refresh = duration_or(spec.refresh, DEFAULT_REFRESH);
         if refresh < MIN_REFRESH {
             return Err(path.field("refresh").error(format!(
                 "must be at least {MIN_REFRESH} (faster polling only loads the registry), got {refresh}"
@@ -468,7 +451,7 @@ impl ServiceConfig {
             },
         };
         let source = Source::from_spec(&path.field("source"), &spec.source, max_endpoints)?;
-        let max_stale = duration_or(&path.field("max_stale"), &spec.max_stale, DEFAULT_MAX_STALE)?;
+        let max_stale = duration_or(spec.max_stale, DEFAULT_MAX_STALE);
         // An answer can only be as fresh as the polling (or the blocking wait) allows.
         let floor = match &source {
             Source::Consul(c) => refresh.saturating_add(c.wait),
@@ -494,7 +477,7 @@ impl ServiceConfig {
             Some(p) => PassivePolicy::from_spec(&path.field("passive"), p)?,
         };
         Ok(ServiceConfig {
-            name: spec.name.clone(),
+            name: spec.name.as_str().to_owned(),
             source,
             refresh,
             health_check,
@@ -539,7 +522,7 @@ impl Source {
                 if let Some(dc) = &c.dc {
                     check_token(&at.field("dc"), dc, "a datacenter name")?;
                 }
-                let wait = duration_or(&at.field("wait"), &c.wait, DEFAULT_CONSUL_WAIT)?;
+                let wait = duration_or(c.wait, DEFAULT_CONSUL_WAIT);
                 if wait > MAX_CONSUL_WAIT {
                     return Err(at
                         .field("wait")
@@ -616,8 +599,8 @@ impl ActiveCheckConfig {
         }
         let cluster = spec.cluster.clone().unwrap_or(defaults.cluster);
         check_token(&path.field("cluster"), &cluster, "a cluster name")?;
-        let interval = duration_or(&path.field("interval"), &spec.interval, defaults.interval)?;
-        let timeout = duration_or(&path.field("timeout"), &spec.timeout, defaults.timeout)?;
+        let interval = duration_or(spec.interval, defaults.interval);
+        let timeout = duration_or(spec.timeout, defaults.timeout);
         Ok(ActiveCheckConfig {
             path: spec.path.clone(),
             cluster,
@@ -645,13 +628,9 @@ impl PassivePolicy {
             return Ok(None);
         }
         let d = PassivePolicy::default();
-        let base_ejection = duration_or(
-            &path.field("base_ejection"),
-            &spec.base_ejection,
-            d.base_ejection,
-        )?;
-        let max_ejection = match &spec.max_ejection {
-            Some(t) => parse_duration(&path.field("max_ejection"), t)?,
+        let base_ejection = duration_or(spec.base_ejection, d.base_ejection);
+        let max_ejection = match spec.max_ejection {
+            Some(t) => t.0,
             None => d.max_ejection.max(base_ejection),
         };
         if max_ejection < base_ejection {
@@ -690,12 +669,17 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
+
+    /// The production entry point.
+    fn from_json(json: &str) -> Result<DiscoveryConfig, ConfigError> {
+        crate::config::load(json.as_bytes())
+    }
     use alloc::string::ToString;
 
     const MINIMAL: &str = r#"{"services": [{"name": "users", "source": {"etcd": {"cluster": "etcd", "prefix": "/services/users/"}}, "refresh": "1s", "health_check": {"path": "/healthz", "interval": "1s", "unhealthy_threshold": 2, "healthy_threshold": 1}}]}"#;
 
     fn error_of(json: &str) -> ConfigError {
-        DiscoveryConfig::from_json(json).unwrap_err()
+        from_json(json).unwrap_err()
     }
 
     /// The minimal document with `field` of service 0 replaced by `value`.
@@ -713,7 +697,7 @@ mod tests {
 
     #[test]
     fn the_minimal_config_parses_with_documented_defaults() {
-        let config = DiscoveryConfig::from_json(MINIMAL).unwrap();
+        let config = from_json(MINIMAL).unwrap();
         let users = &config.services[0];
         assert_eq!(users.name, "users");
         assert_eq!(
@@ -742,7 +726,7 @@ mod tests {
 
     #[test]
     fn admin_path_and_tick() {
-        let config = DiscoveryConfig::from_json(MINIMAL).unwrap();
+        let config = from_json(MINIMAL).unwrap();
         assert_eq!(config.admin_path, None);
         // 1 s refresh and interval: a tick of 100 ms.
         assert_eq!(config.tick(), Duration::from_millis(100));
@@ -750,11 +734,11 @@ mod tests {
         doc["admin_path"] = "/keel/discovery".into();
         doc["services"][0]["refresh"] = "1m".into();
         doc["services"][0]["health_check"]["interval"] = "200ms".into();
-        let config = DiscoveryConfig::from_json(&doc.to_string()).unwrap();
+        let config = from_json(&doc.to_string()).unwrap();
         assert_eq!(config.admin_path.as_deref(), Some("/keel/discovery"));
         assert_eq!(config.tick(), MIN_TICK);
         doc["services"][0]["health_check"]["interval"] = "30s".into();
-        let config = DiscoveryConfig::from_json(&doc.to_string()).unwrap();
+        let config = from_json(&doc.to_string()).unwrap();
         assert_eq!(config.tick(), MAX_TICK);
         for bad in ["keel", "/a?b", "/a b", ""] {
             doc["admin_path"] = bad.into();
@@ -769,7 +753,7 @@ mod tests {
             "source",
             r#"{"consul": {"cluster": "consul", "service": "users", "wait": "30s", "dc": "dc1"}}"#,
         );
-        let config = DiscoveryConfig::from_json(&consul).unwrap();
+        let config = from_json(&consul).unwrap();
         assert_eq!(
             config.services[0].source,
             Source::Consul(ConsulSource {
@@ -783,17 +767,14 @@ mod tests {
             "source",
             r#"{"static": [{"address": "127.0.0.1", "port": 18091, "weight": 1}, {"address": "::1", "port": 18092}]}"#,
         );
-        let config = DiscoveryConfig::from_json(&stat).unwrap();
+        let config = from_json(&stat).unwrap();
         let Source::Static(list) = &config.services[0].source else {
             panic!("not static");
         };
         assert_eq!(list[0].address_text(), "127.0.0.1:18091");
         assert_eq!(list[1].address_text(), "[::1]:18092");
         let off = with("passive", r#"{"enabled": false}"#);
-        assert_eq!(
-            DiscoveryConfig::from_json(&off).unwrap().services[0].passive,
-            None
-        );
+        assert_eq!(from_json(&off).unwrap().services[0].passive, None);
     }
 
     #[test]
@@ -948,14 +929,14 @@ mod tests {
 
     #[test]
     fn refuses_unknown_fields_and_shapes() {
-        assert!(DiscoveryConfig::from_json(&with("refersh", r#""1s""#)).is_err());
-        assert!(DiscoveryConfig::from_json(&with("health_check.intervall", r#""1s""#)).is_err());
-        assert!(DiscoveryConfig::from_json(&with(
+        assert!(from_json(&with("refersh", r#""1s""#)).is_err());
+        assert!(from_json(&with("health_check.intervall", r#""1s""#)).is_err());
+        assert!(from_json(&with(
             "source",
             r#"{"etcd": {"cluster": "e", "prefix": "/p/"}, "consul": {"cluster": "c", "service": "s"}}"#
         ))
         .is_err());
-        assert!(DiscoveryConfig::from_json(&with("source", r#"{"zookeeper": {}}"#)).is_err());
+        assert!(from_json(&with("source", r#"{"zookeeper": {}}"#)).is_err());
         assert_eq!(error_of(r#"{"services": []}"#).path, "services");
         let twice = r#"{"services": [
             {"name": "a", "source": {"static": [{"address": "10.0.0.1", "port": 80}]}},

@@ -33,8 +33,8 @@ use crate::time::Instant;
 pub const SET_LAYOUT: u8 = 1;
 /// The first byte of an encoded version stamp.
 pub const VERSION_LAYOUT: u8 = 1;
-/// Compare-and-swap attempts for one set update.
-pub const UPDATE_ATTEMPTS: u32 = 8;
+/// Compare-and-swap attempts for one set update ([`crate::store::ATTEMPTS`]).
+pub const UPDATE_ATTEMPTS: u32 = crate::store::ATTEMPTS;
 /// The most endpoints a decoded set may hold (above the configuration's own bound).
 const MAX_DECODED_ENDPOINTS: usize = 65_536;
 /// Bytes of the fixed part of one record: flags, weight, priority, ejected_until, ejections,

@@ -28,8 +28,8 @@ use crate::time::{Duration, Instant};
 pub const LEASE_KEY: &str = "keel/discovery/poller";
 /// The first byte of an encoded lease.
 pub const LEASE_LAYOUT: u8 = 1;
-/// Compare-and-swap attempts for one acquisition.
-pub const LEASE_ATTEMPTS: u32 = 4;
+/// Compare-and-swap attempts for one acquisition ([`crate::store::ATTEMPTS`]).
+pub const LEASE_ATTEMPTS: u32 = crate::store::ATTEMPTS;
 /// How long the poller's lease lasts without renewal. The holder renews it on its ticks (at
 /// most 500 ms apart) once less than half is left, so a live poller keeps it with a margin of
 /// several ticks; a VM that stops is replaced after at most this long plus one tick.
@@ -119,12 +119,47 @@ pub fn acquire<S: SharedStore + ?Sized>(
     now: Instant,
     ttl: Duration,
 ) -> Result<bool, UpdateError> {
-    update(store, LEASE_KEY, LEASE_ATTEMPTS, |old| {
-        let current = old.and_then(PollerLease::decode);
-        let (next, held) = try_acquire(current, me, now, ttl);
-        let write = (current != Some(next)).then(|| next.encode());
-        (write, held)
+    acquire_key(store, LEASE_KEY, me, now, ttl)
+}
+
+/// [`acquire`] for the lease under `key`: one elected VM per process for another job (the
+/// rate limiter's refresher uses `keel/rate_limit/refresher`).
+pub fn acquire_key<S: SharedStore + ?Sized>(
+    store: &S,
+    key: &str,
+    me: u64,
+    now: Instant,
+    ttl: Duration,
+) -> Result<bool, UpdateError> {
+    update(store, key, LEASE_ATTEMPTS, |old| {
+        acquire_bytes(old, me, now, ttl)
     })
+}
+
+/// [`try_acquire`] on the stored bytes `old` (a compare-and-swap update's change): the lease
+/// to write, only when it changes, and whether `me` holds it.
+pub fn acquire_bytes(
+    old: Option<&[u8]>,
+    me: u64,
+    now: Instant,
+    ttl: Duration,
+) -> (Option<Vec<u8>>, bool) {
+    let current = old.and_then(PollerLease::decode);
+    let (next, held) = try_acquire(current, me, now, ttl);
+    let write = (current != Some(next)).then(|| next.encode());
+    (write, held)
+}
+
+/// [`release`] on the stored bytes `old` (a compare-and-swap update's change): the lease to
+/// write, only when `me` held it.
+pub fn release_bytes(old: Option<&[u8]>, me: u64, now: Instant) -> (Option<Vec<u8>>, ()) {
+    match old.and_then(PollerLease::decode) {
+        Some(held) => {
+            let next = release(held, me, now);
+            ((next != held).then(|| next.encode()), ())
+        }
+        None => (None, ()),
+    }
 }
 
 #[cfg(test)]

@@ -185,7 +185,7 @@ mod tests {
     /// The glue's tick, played by hand: lease, poll, merge, checks, ejection, outage.
     #[test]
     fn a_poller_keeps_the_shared_set_current() {
-        let config = DiscoveryConfig::from_json(CONFIG).unwrap();
+        let config = crate::config::load::<DiscoveryConfig>(CONFIG.as_bytes()).unwrap();
         let service = &config.services[0];
         let checks_config = service.health_check.clone().unwrap();
         let store = MemoryStore::default();
@@ -317,26 +317,26 @@ mod tests {
 
     #[test]
     fn answers_are_parsed_by_source() {
-        let config = DiscoveryConfig::from_json(CONFIG).unwrap();
+        let config = crate::config::load::<DiscoveryConfig>(CONFIG.as_bytes()).unwrap();
         let users = &config.services[0];
         let answer = users.parse_answer(&etcd_body(&[1, 2])).unwrap();
         assert_eq!(answer.endpoints.len(), 2);
         assert!(users.parse_answer(b"[]").is_err());
         assert_eq!(users.request_timeout(), etcd::REQUEST_TIMEOUT);
         let consul = r#"{"services": [{"name": "c", "source": {"consul": {"cluster": "consul", "service": "users", "wait": "30s"}}}]}"#;
-        let config = DiscoveryConfig::from_json(consul).unwrap();
+        let config = crate::config::load::<DiscoveryConfig>(consul.as_bytes()).unwrap();
         let c = &config.services[0];
         assert_eq!(c.parse_answer(b"[]").unwrap().endpoints.len(), 0);
         assert!(c.request_timeout() > Duration::from_secs(30));
         let stat = r#"{"services": [{"name": "s", "source": {"static": [{"address": "127.0.0.1", "port": 1}]}}]}"#;
-        let config = DiscoveryConfig::from_json(stat).unwrap();
+        let config = crate::config::load::<DiscoveryConfig>(stat.as_bytes()).unwrap();
         assert!(config.services[0].parse_answer(b"[]").is_err());
     }
 
     #[test]
     fn static_sources_answer_without_a_request() {
         let json = r#"{"services": [{"name": "local", "source": {"static": [{"address": "127.0.0.1", "port": 18091, "weight": 1}]}}]}"#;
-        let config = DiscoveryConfig::from_json(json).unwrap();
+        let config = crate::config::load::<DiscoveryConfig>(json.as_bytes()).unwrap();
         let source = &config.services[0].source;
         assert_eq!(source.request(ConsulIndex::default()), None);
         let answer = source.static_answer().unwrap();

@@ -24,6 +24,9 @@
 //! | `header` | the header set in `original_dst` mode | `x-envoy-original-dst-host` |
 //! | `cluster_header` | the header set to the endpoint's cluster name in `cluster_header` mode | required there |
 //! | `cookie` | `{"name": "sid", "ttl": "1h"}`: when the key's cookie is absent, generate one and set it | off |
+//! | `breaker` | `{"name": "users-host", "half_open_probes": 2}`: the circuit-breaker filter's per-host breaker (same `vm_id`); a host whose breaker is open is skipped like an ejected host, a half-open one picked while a probe is free; `half_open_probes` is the breaker's (1..=1000) | off |
+//! | `hosts_header` | request header set to the request's ordered host list (`ip:port,ip:port,...`) for Envoy's `override_host` load balancing policy | off |
+//! | `hosts_property` | leave the request's host list on the stream (property `keel.picker.hosts`) for Keel's retry filter's failover; `false` saves a `proxy_set_property` per request where no `keel.retry` follows the picker | `true` |
 //! | `endpoint_header` | request header that also records the picked endpoint's `ip:port` | `x-keel-endpoint` in `cluster_header` mode; none in `original_dst` mode, whose header already holds the address |
 //!
 //! An endpoint's `cluster` (only in `cluster_header` mode) names the Envoy cluster serving it;
@@ -47,7 +50,10 @@ use super::picker::{Algorithm, Picker, PickerOptions};
 use super::ring::{RingParams, MAX_POINTS_PER_WEIGHT};
 use super::select::PanicThreshold;
 use super::{Endpoint, KeyHash};
-use crate::config::{check_names, parse_duration, ConfigError, FieldPath, Selector};
+use crate::config::{
+    validate_each, AnyDuration, Bounded, ConfigError, FieldPath, HeaderName, Name, Routes,
+    Selector, Validate,
+};
 use crate::rand::Rng;
 use crate::time::Duration;
 
@@ -73,7 +79,7 @@ pub struct FilterSpec {
 #[serde(deny_unknown_fields)]
 pub struct PickerSpec {
     /// Unique name.
-    pub name: String,
+    pub name: Name,
     /// One selector or several.
     #[serde(default)]
     pub key: Option<KeySpec>,
@@ -87,10 +93,10 @@ pub struct PickerSpec {
     pub service: Option<String>,
     /// Envoy route names.
     #[serde(default)]
-    pub routes: Option<Vec<String>>,
+    pub routes: Option<Routes>,
     /// Ring points per unit of weight.
     #[serde(default)]
-    pub ring_size: Option<u32>,
+    pub ring_size: Option<Bounded<1, { MAX_POINTS_PER_WEIGHT as u64 }>>,
     /// Maglev table size.
     #[serde(default)]
     pub table_size: Option<u32>,
@@ -102,19 +108,51 @@ pub struct PickerSpec {
     pub panic_threshold: Option<f64>,
     /// Header set in `original_dst` mode.
     #[serde(default)]
-    pub header: Option<String>,
+    pub header: Option<HeaderName>,
     /// How the pick reaches Envoy.
     #[serde(default)]
     pub mode: Option<ModeName>,
     /// Header set in `cluster_header` mode.
     #[serde(default)]
-    pub cluster_header: Option<String>,
+    pub cluster_header: Option<HeaderName>,
     /// Sticky cookie generation.
     #[serde(default)]
     pub cookie: Option<CookieSpec>,
     /// Header that records the picked endpoint.
     #[serde(default)]
-    pub endpoint_header: Option<String>,
+    pub endpoint_header: Option<HeaderName>,
+    /// The per-host breaker whose state steers the pick.
+    #[serde(default)]
+    pub breaker: Option<BreakerLinkSpec>,
+    /// Request header that receives the request's ordered host list.
+    #[serde(default)]
+    pub hosts_header: Option<HeaderName>,
+    /// Whether the host list is left on the stream for Keel's retry filter (default true).
+    #[serde(default)]
+    pub hosts_property: Option<bool>,
+}
+
+/// `{"name": "users-host", "half_open_probes": 2}`: the circuit-breaker filter's per-host
+/// breaker this picker routes around.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerLinkSpec {
+    /// The breaker's name (scope `host`).
+    pub name: Name,
+    /// The breaker's `half_open_probes`.
+    #[serde(default)]
+    pub half_open_probes: Option<Bounded<1, 1000>>,
+}
+
+/// The per-host breaker a picker routes around: hosts whose breaker is open are skipped like
+/// ejected hosts, a half-open host is picked while the breaker has a probe free
+/// ([`crate::breaker::steer`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BreakerLink {
+    /// The breaker's name: its states are `keel/circuit-breaker/<name>/host/<address>`.
+    pub name: String,
+    /// How many probes the breaker lets through per half-open period (its `half_open_probes`).
+    pub half_open_probes: u16,
 }
 
 /// `"header:x-user"` or `["header:x-user", "cookie:sid"]`.
@@ -206,7 +244,7 @@ pub struct CookieSpec {
     /// The cookie's name: one of the key's `cookie:` selectors.
     pub name: String,
     /// Its lifetime, a duration; `"0s"` makes a session cookie.
-    pub ttl: String,
+    pub ttl: AnyDuration,
 }
 
 /// The validated filter configuration.
@@ -325,6 +363,17 @@ pub struct PickerConfig {
     /// A request header set to the picked endpoint's address besides the routing header,
     /// lower case; see [`DEFAULT_ENDPOINT_HEADER`].
     pub endpoint_header: Option<String>,
+    /// The per-host breaker that steers the pick, if configured.
+    pub breaker: Option<BreakerLink>,
+    /// A request header set to the request's ordered host list (the preference list, as
+    /// [`super::failover::encode_hosts`] writes it), for Envoy's `override_host` load balancing
+    /// policy; lower case.
+    pub hosts_header: Option<String>,
+    /// Whether each picked request's host list is left on the stream (the property
+    /// [`super::failover::HOSTS_PROPERTY`]) for Keel's retry filter to fail over along: one
+    /// `proxy_set_property` per picked request, useless when no `keel.retry` follows the
+    /// picker (default true).
+    pub hosts_property: bool,
 }
 
 impl PickerConfig {
@@ -378,35 +427,23 @@ impl PickerConfig {
     }
 }
 
-impl TryFrom<&FilterSpec> for FilterConfig {
-    type Error = ConfigError;
-    fn try_from(spec: &FilterSpec) -> Result<Self, ConfigError> {
+impl Validate for FilterConfig {
+    type Wire = FilterSpec;
+    fn validate(spec: &FilterSpec) -> Result<FilterConfig, ConfigError> {
         validate(spec)
     }
 }
 
 /// Validates the filter's JSON structs.
-pub fn validate(spec: &FilterSpec) -> Result<FilterConfig, ConfigError> {
-    let path = FieldPath::root().field("pickers");
-    if spec.pickers.is_empty() {
-        return Err(path.error("needs at least one picker"));
-    }
-    check_names(&path, "name", spec.pickers.iter().map(|p| p.name.as_str()))?;
-    let pickers = spec
-        .pickers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| validate_picker(&path.index(i), p))
-        .collect::<Result<Vec<_>, _>>()?;
+fn validate(spec: &FilterSpec) -> Result<FilterConfig, ConfigError> {
+    let pickers = validate_each(
+        &FieldPath::root().field("pickers"),
+        "picker",
+        &spec.pickers,
+        |p| p.name.as_str(),
+        validate_picker,
+    )?;
     Ok(FilterConfig { pickers })
-}
-
-/// Parses JSON text and validates it (type errors carry serde's message without a path; the
-/// glue parses with `keel_proxy::config::parse` for paths, then calls [`validate`]).
-pub fn from_json(text: &str) -> Result<FilterConfig, ConfigError> {
-    let spec: FilterSpec =
-        serde_json::from_str(text).map_err(|e| ConfigError::new("", e.to_string()))?;
-    validate(&spec)
 }
 
 fn validate_picker(path: &FieldPath, spec: &PickerSpec) -> Result<PickerConfig, ConfigError> {
@@ -441,13 +478,7 @@ fn validate_picker(path: &FieldPath, spec: &PickerSpec) -> Result<PickerConfig, 
         AlgorithmName::Ring => {
             let mut params = RingParams::default();
             if let Some(size) = spec.ring_size {
-                if size == 0 || size > MAX_POINTS_PER_WEIGHT {
-                    return Err(path.field("ring_size").error(format!(
-                        "ring points per unit of weight must be 1 to {MAX_POINTS_PER_WEIGHT}, \
-                         got {size}"
-                    )));
-                }
-                params.points_per_weight = size;
+                params.points_per_weight = size.get_u32();
             }
             Algorithm::Ring(params)
         }
@@ -525,10 +556,11 @@ fn validate_picker(path: &FieldPath, spec: &PickerSpec) -> Result<PickerConfig, 
                     .field("cluster_header")
                     .error("applies to mode \"cluster_header\" only"));
             }
-            let header = match &spec.header {
-                None => DEFAULT_HEADER.to_string(),
-                Some(h) => validate_header(&path.field("header"), h)?,
-            };
+            let header = spec
+                .header
+                .as_ref()
+                .map_or(DEFAULT_HEADER, HeaderName::as_str)
+                .to_owned();
             Target::OriginalDst { header }
         }
         ModeName::ClusterHeader => {
@@ -544,7 +576,7 @@ fn validate_picker(path: &FieldPath, spec: &PickerSpec) -> Result<PickerConfig, 
                         "mode \"cluster_header\" needs the header that carries the cluster name, \
                          e.g. \"x-keel-cluster\"",
                     )),
-                    Some(h) => validate_header(&path.field("cluster_header"), h)?,
+                    Some(h) => h.as_str().to_owned(),
                 };
             let clusters = spec
                 .endpoints
@@ -557,7 +589,7 @@ fn validate_picker(path: &FieldPath, spec: &PickerSpec) -> Result<PickerConfig, 
     };
 
     let endpoint_header = match (&spec.endpoint_header, &target) {
-        (Some(h), _) => Some(validate_header(&path.field("endpoint_header"), h)?),
+        (Some(h), _) => Some(h.as_str().to_owned()),
         (None, Target::ClusterHeader { .. }) => Some(DEFAULT_ENDPOINT_HEADER.to_string()),
         (None, Target::OriginalDst { .. }) => None,
     };
@@ -586,28 +618,36 @@ fn validate_picker(path: &FieldPath, spec: &PickerSpec) -> Result<PickerConfig, 
                     .field("name")
                     .error(format!("\"{}\" is not a valid cookie name", c.name)));
             }
-            let ttl = parse_duration(&at.field("ttl"), &c.ttl)?;
             Some(StickyCookie {
                 name: c.name.clone(),
-                ttl,
+                ttl: c.ttl.0,
             })
         }
     };
 
-    let routes = match &spec.routes {
+    let routes = spec.routes.as_ref().map(|r| r.names().to_vec());
+
+    let breaker = spec.breaker.as_ref().map(|b| BreakerLink {
+        name: b.name.as_str().to_owned(),
+        half_open_probes: b.half_open_probes.map_or(1, |n| n.get_u16()),
+    });
+
+    let hosts_header = match &spec.hosts_header {
         None => None,
-        Some(list) => {
-            for (i, r) in list.iter().enumerate() {
-                if r.is_empty() {
-                    return Err(path.field("routes").index(i).error("must not be empty"));
-                }
+        Some(h) => {
+            let at = path.field("hosts_header");
+            let h = h.as_str().to_owned();
+            if h == target.header() || endpoint_header.as_deref() == Some(h.as_str()) {
+                return Err(at.error(format!(
+                    "\"{h}\" is already a header this picker sets; choose another name"
+                )));
             }
-            Some(list.clone())
+            Some(h)
         }
     };
 
     Ok(PickerConfig {
-        name: spec.name.clone(),
+        name: spec.name.as_str().to_owned(),
         key,
         algorithm,
         options: PickerOptions {
@@ -619,6 +659,9 @@ fn validate_picker(path: &FieldPath, spec: &PickerSpec) -> Result<PickerConfig, 
         target,
         cookie,
         endpoint_header,
+        breaker,
+        hosts_header,
+        hosts_property: spec.hosts_property.unwrap_or(true),
     })
 }
 
@@ -715,22 +758,17 @@ fn validate_endpoints(
     Ok(endpoints)
 }
 
-fn validate_header(path: &FieldPath, name: &str) -> Result<String, ConfigError> {
-    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if name.is_empty() || !name.bytes().all(token) {
-        return Err(path.error(format!(
-            "expected an HTTP header name (letters, digits, '-', ...), got \"{name}\""
-        )));
-    }
-    Ok(name.to_ascii_lowercase())
-}
-
 #[cfg(test)]
 mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
+
+    /// The production entry point.
+    fn from_json(json: &str) -> Result<FilterConfig, ConfigError> {
+        crate::config::load(json.as_bytes())
+    }
     use crate::hash::{hash_key, Pick};
     use crate::rand::SeededRng;
     use alloc::vec;
@@ -864,6 +902,25 @@ mod tests {
             assert_eq!(c.pickers[0].algorithm, algorithm);
             assert!(c.pickers[0].key.is_empty());
         }
+        let b = from_json(&with(
+            r#""breaker": {"name": "users-host", "half_open_probes": 2}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            b.pickers[0].breaker,
+            Some(BreakerLink {
+                name: "users-host".into(),
+                half_open_probes: 2
+            })
+        );
+        let o = from_json(&with(r#""hosts_header": "X-Keel-Hosts""#)).unwrap();
+        assert_eq!(o.pickers[0].hosts_header.as_deref(), Some("x-keel-hosts"));
+        assert!(
+            o.pickers[0].hosts_property,
+            "the host list is left on by default"
+        );
+        let o = from_json(&with(r#""hosts_property": false"#)).unwrap();
+        assert!(!o.pickers[0].hosts_property);
         let h = from_json(&with(r#""header": "X-Dst", "endpoint_header": "X-Picked""#)).unwrap();
         assert_eq!(h.pickers[0].target.header(), "x-dst");
         assert_eq!(h.pickers[0].endpoint_header.as_deref(), Some("x-picked"));
@@ -910,6 +967,16 @@ mod tests {
                 "pickers[0].endpoints[0].cluster",
             ),
             (r#""endpoints": []"#, "pickers[0].endpoints"),
+            (r#""breaker": {"name": "a b"}"#, "pickers[0].breaker.name"),
+            (
+                r#""hosts_header": "x-envoy-original-dst-host""#,
+                "pickers[0].hosts_header",
+            ),
+            (r#""hosts_header": "a b""#, "pickers[0].hosts_header"),
+            (
+                r#""breaker": {"name": "h", "half_open_probes": 0}"#,
+                "pickers[0].breaker.half_open_probes",
+            ),
             (r#""service": "users""#, "pickers[0]"),
             (r#""endpoints": null"#, "pickers[0]"),
             (
@@ -1027,7 +1094,9 @@ mod tests {
         let unknown = MINIMAL.replace(r#""algorithm""#, r#""algoritm": 1, "algorithm""#);
         assert!(error(&unknown).message.contains("unknown field"));
         let bad_algorithm = MINIMAL.replace(r#""ring""#, r#""jump""#);
-        assert!(error(&bad_algorithm).message.contains("unknown variant"));
+        let e = error(&bad_algorithm);
+        assert_eq!(e.path, "pickers[0].algorithm");
+        assert!(e.message.contains("expected \"ring\", \"maglev\""), "{e}");
         let bad_endpoint = MINIMAL.replace(
             r#"{"address": "127.0.0.1:18091"}"#,
             r#"{"address": "127.0.0.1:18091", "healthy": false}"#,

@@ -15,6 +15,7 @@
 //! | [`picker`] | an endpoint set split into levels, each with its ring, table or balancer | |
 //! | [`service`] | a picker following the endpoint set discovery publishes, rebuilt per version | |
 //! | [`config`] | the filter's JSON and its validation | |
+//! | [`failover`] | a request's ordered host list, handed to the retry filter; each retry's host | envoy `previous_hosts` |
 //!
 //! # What the glue does per request
 //!
@@ -67,15 +68,18 @@ use alloc::string::String;
 pub mod balancer;
 pub mod bounded;
 pub mod config;
+pub mod failover;
 pub mod maglev;
+pub mod peak_ewma;
 pub mod picker;
 pub mod ring;
 pub mod select;
 pub mod service;
 
 pub use bounded::{BalanceFactor, BoundedPick, InFlight};
+pub use failover::{decode_hosts, encode_hosts, next_host, NextHost, HOSTS_PROPERTY};
 pub use maglev::{MaglevTable, TableSize};
-pub use picker::{Algorithm, Picker, PickerOptions};
+pub use picker::{Algorithm, Blocked, Picker, PickerOptions};
 pub use ring::{Ring, RingParams};
 pub use select::{PanicThreshold, PriorityLoad};
 pub use service::{MirrorOutcome, ServiceMirror};
@@ -193,6 +197,12 @@ pub(crate) mod testing {
         let max = counts.iter().copied().max().unwrap_or(0) as f64;
         let mean = counts.iter().sum::<usize>() as f64 / counts.len().max(1) as f64;
         max / mean
+    }
+}
+
+impl crate::routes::Routed for config::PickerConfig {
+    fn routes(&self) -> Option<&[alloc::string::String]> {
+        self.routes.as_deref()
     }
 }
 

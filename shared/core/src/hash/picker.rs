@@ -82,6 +82,11 @@ struct Level {
     weighted: SmoothWeighted,
 }
 
+/// The endpoints a [`Picker::block`] made unhealthy, to give back to [`Picker::unblock`].
+#[derive(Debug, Default, PartialEq, Eq)]
+#[must_use = "give it back to Picker::unblock"]
+pub struct Blocked(Vec<usize>);
+
 /// Picks endpoints for requests; see the module docs.
 #[derive(Clone, Debug)]
 pub struct Picker {
@@ -315,6 +320,134 @@ impl Picker {
         };
         found.map_or(Pick::NoHost, |i| Pick::Host(level.start + i))
     }
+
+    /// Counts the endpoints at the indexes `blocked` (of [`Picker::endpoints`]) as unhealthy
+    /// until [`Picker::unblock`] is given what this returns: how the glue skips hosts whose
+    /// breaker is open for one request. A blocked endpoint is skipped like an ejected one:
+    /// only its keys move, and it counts against the panic threshold (a level in panic picks
+    /// among all its endpoints, blocked ones too). Blocking nothing costs nothing.
+    pub fn block(&mut self, blocked: &[usize]) -> Blocked {
+        let mut changed: Vec<usize> = Vec::new();
+        for &i in blocked {
+            if let Some(e) = self.endpoints.get_mut(i) {
+                if e.healthy {
+                    e.healthy = false;
+                    changed.push(i);
+                }
+            }
+        }
+        if !changed.is_empty() {
+            self.recompute_load();
+        }
+        Blocked(changed)
+    }
+
+    /// Gives the endpoints [`Picker::block`] blocked their health back.
+    pub fn unblock(&mut self, blocked: Blocked) {
+        if blocked.0.is_empty() {
+            return;
+        }
+        for i in blocked.0 {
+            if let Some(e) = self.endpoints.get_mut(i) {
+                e.healthy = true;
+            }
+        }
+        self.recompute_load();
+    }
+
+    /// Runs `f` with the endpoints at `blocked` blocked ([`Picker::block`]), then unblocks
+    /// them.
+    pub fn avoiding<R>(&mut self, blocked: &[usize], f: impl FnOnce(&mut Picker) -> R) -> R {
+        let b = self.block(blocked);
+        let out = f(self);
+        self.unblock(b);
+        out
+    }
+
+    /// The request's preference list: `first` (the endpoint the pick gave), then the endpoints
+    /// a failover should try next, distinct, at most `limit` in all. For the hashing
+    /// algorithms, the next distinct usable owners along the ring or table from the key's hash
+    /// `hash` (the walk [`Picker::pick_hash`] makes), so the order depends only on the key and
+    /// the endpoint set; for the balancers, the level's usable endpoints after `first` in
+    /// order (whom the balancer would pick next). Then the other levels' usable endpoints by
+    /// priority, in the same way. Usable: healthy, or any in a level in panic.
+    pub fn preference(&self, first: usize, hash: Option<u64>, limit: usize) -> Vec<usize> {
+        let mut list: Vec<usize> = Vec::new();
+        if first >= self.endpoints.len() || limit == 0 {
+            return list;
+        }
+        list.push(first);
+        let home = self
+            .levels
+            .iter()
+            .position(|l| (l.start..l.start + l.len).contains(&first));
+        let order = home
+            .into_iter()
+            .chain((0..self.levels.len()).filter(|&li| Some(li) != home));
+        for li in order {
+            let Some(level) = self.levels.get(li) else {
+                continue;
+            };
+            let panic = self.load.in_panic(li);
+            let eps = self
+                .endpoints
+                .get(level.start..level.start + level.len)
+                .unwrap_or(&[]);
+            let usable = |i: usize| panic || eps.get(i).is_some_and(|e| e.healthy);
+            let mut add = |local: usize, list: &mut Vec<usize>| {
+                let i = level.start + local;
+                if usable(local) && !list.contains(&i) {
+                    list.push(i);
+                }
+                list.len() >= limit
+            };
+            let wanted = eps.len();
+            let walked = match (&level.lookup, hash) {
+                (Lookup::Ring(ring), Some(h)) => {
+                    let mut owners = ring.walk(h).map(|o| o as usize);
+                    walk_distinct(&mut owners, wanted, &mut list, &mut add)
+                }
+                (Lookup::Maglev(table), Some(h)) => {
+                    let mut owners = table.walk(h).map(|o| o as usize);
+                    walk_distinct(&mut owners, wanted, &mut list, &mut add)
+                }
+                _ => {
+                    let after = first.checked_sub(level.start).filter(|&l| l < eps.len());
+                    let start = after.map_or(0, |l| l + 1);
+                    let mut owners = (0..eps.len()).map(|k| (start + k) % eps.len().max(1));
+                    walk_distinct(&mut owners, wanted, &mut list, &mut add)
+                }
+            };
+            if walked {
+                break;
+            }
+        }
+        list
+    }
+}
+
+/// Feeds the distinct owners of `owners` to `add` until `add` says the list is full (returns
+/// true) or all `wanted` distinct owners were seen.
+fn walk_distinct(
+    owners: &mut dyn Iterator<Item = usize>,
+    wanted: usize,
+    list: &mut Vec<usize>,
+    add: &mut dyn FnMut(usize, &mut Vec<usize>) -> bool,
+) -> bool {
+    let mut met: Vec<usize> = Vec::new();
+    for o in owners {
+        if met.contains(&o) {
+            continue;
+        }
+        met.push(o);
+        if add(o, list) {
+            return true;
+        }
+        if met.len() >= wanted {
+            break;
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -569,6 +702,120 @@ mod tests {
             }],
         );
         assert_eq!(zero.pick_hash(9, &[]), Pick::Host(0));
+    }
+
+    /// The preference list is where the key goes as its hosts drop out: entry 1 is the pick
+    /// once entry 0 is unhealthy, entry 2 once both are.
+    fn preference_follows_the_failover_walk(algorithm: Algorithm) {
+        let eps = endpoints(&addresses(5));
+        let picker = Picker::new(algorithm, PickerOptions::default(), &eps);
+        for k in keys().into_iter().take(2000) {
+            let first = host(picker.pick_hash(k, &[]));
+            let list = picker.preference(first, Some(k), 8);
+            assert_eq!(list.len(), 5, "every endpoint, once");
+            assert_eq!(list[0], first);
+            let mut sorted = list.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), 5);
+            let mut down = picker.clone();
+            for (n, &gone) in list.iter().take(2).enumerate() {
+                down.set_healthy(&eps_address(&picker, gone), false);
+                assert_eq!(host(down.pick_hash(k, &[])), list[n + 1]);
+            }
+            // And the list of the degraded picker is the rest, in the same order.
+            let rest = down.preference(list[2], Some(k), 8);
+            assert_eq!(rest, list[2..]);
+            assert_eq!(picker.preference(first, Some(k), 2), list[..2]);
+        }
+    }
+
+    fn eps_address(p: &Picker, i: usize) -> String {
+        p.endpoints()[i].address.clone()
+    }
+
+    #[test]
+    fn ring_preference_follows_the_failover_walk() {
+        preference_follows_the_failover_walk(ring());
+    }
+
+    #[test]
+    fn maglev_preference_follows_the_failover_walk() {
+        preference_follows_the_failover_walk(maglev());
+    }
+
+    #[test]
+    fn preference_lists_are_the_same_in_every_picker_of_the_same_set() {
+        let mut eps = endpoints(&addresses(6));
+        let a = Picker::new(ring(), PickerOptions::default(), &eps);
+        eps.reverse();
+        let b = Picker::new(ring(), PickerOptions::default(), &eps);
+        for k in keys().into_iter().take(500) {
+            let names = |p: &Picker| -> Vec<String> {
+                let first = host(p.pick_hash(k, &[]));
+                p.preference(first, Some(k), 8)
+                    .into_iter()
+                    .map(|i| eps_address(p, i))
+                    .collect()
+            };
+            assert_eq!(names(&a), names(&b));
+        }
+    }
+
+    #[test]
+    fn blocked_hosts_are_skipped_like_unhealthy_ones_and_come_back() {
+        let eps = endpoints(&addresses(10));
+        let mut picker = Picker::new(ring(), PickerOptions::default(), &eps);
+        let keys: Vec<u64> = keys().into_iter().take(5000).collect();
+        let before: Vec<usize> = keys
+            .iter()
+            .map(|&k| host(picker.pick_hash(k, &[])))
+            .collect();
+        let blocked = 4;
+        let during: Vec<usize> = picker.avoiding(&[blocked], |p| {
+            keys.iter().map(|&k| host(p.pick_hash(k, &[]))).collect()
+        });
+        for ((&was, &now), &k) in before.iter().zip(&during).zip(&keys) {
+            assert_ne!(now, blocked);
+            if was != blocked {
+                assert_eq!(now, was, "a key of another host moved");
+            } else {
+                // It went to the next host of its preference list.
+                assert_eq!(now, picker.preference(was, Some(k), 2)[1]);
+            }
+        }
+        assert!(picker.endpoints()[blocked].healthy, "health restored");
+        let after: Vec<usize> = keys
+            .iter()
+            .map(|&k| host(picker.pick_hash(k, &[])))
+            .collect();
+        assert_eq!(before, after);
+        // The panic threshold still applies: with most hosts blocked the level picks among all.
+        let most: Vec<usize> = (0..8).collect();
+        let in_panic = picker.avoiding(&most, |p| p.any_in_panic());
+        assert!(in_panic);
+        assert!(!picker.any_in_panic());
+    }
+
+    #[test]
+    fn balancer_preference_is_the_next_picks() {
+        let eps = endpoints(&addresses(4));
+        let mut rr = Picker::new(Algorithm::RoundRobin, PickerOptions::default(), &eps);
+        rr.set_healthy(&eps[2].address, false);
+        assert_eq!(rr.preference(1, None, 8), vec![1, 3, 0]);
+        assert_eq!(rr.preference(3, None, 2), vec![3, 0]);
+        assert_eq!(rr.preference(9, None, 8), Vec::<usize>::new());
+        // Priority levels: the home level first, then the next.
+        let mut eps = endpoints(&addresses(4));
+        eps[2].priority = 1;
+        eps[3].priority = 1;
+        let p = Picker::new(ring(), PickerOptions::default(), &eps);
+        for k in keys().into_iter().take(200) {
+            let first = host(p.pick_hash(k, &[]));
+            let list = p.preference(first, Some(k), 8);
+            assert_eq!(list.len(), 4);
+            assert!(list[..2].iter().all(|&i| p.endpoints()[i].priority == 0));
+        }
     }
 
     #[test]

@@ -38,8 +38,21 @@ pub fn rate_limit_policy(name: &str, quota: u64, window: Duration) -> String {
 
 /// The `RateLimit` value: `"NAME";r=REMAINING;t=RESET_SECONDS`, the reset rounded up.
 pub fn rate_limit(name: &str, remaining: u64, reset: Duration) -> String {
+    rate_limit_after(&rate_limit_prefix(name), remaining, reset)
+}
+
+/// The part of a `RateLimit` value that depends only on the name (`"name";r=`), to compute
+/// once per limiter: [`rate_limit_after`] completes it per response.
+pub fn rate_limit_prefix(name: &str) -> String {
     let mut out = sf_string(name);
     out.push_str(";r=");
+    out
+}
+
+/// The `RateLimit` value of [`rate_limit`] from its [`rate_limit_prefix`]: the same text.
+pub fn rate_limit_after(prefix: &str, remaining: u64, reset: Duration) -> String {
+    let mut out = String::with_capacity(prefix.len() + 24);
+    out.push_str(prefix);
     push_decimal(&mut out, remaining);
     out.push_str(";t=");
     push_decimal(&mut out, reset.as_secs_ceil());
@@ -59,8 +72,9 @@ pub fn push_decimal(out: &mut String, n: u64) {
             break;
         }
     }
-    for d in digits.iter().skip(start) {
-        out.push(char::from(*d));
+    // ASCII digits: one push of the whole run, not a char at a time.
+    if let Some(Ok(text)) = digits.get(start..).map(core::str::from_utf8) {
+        out.push_str(text);
     }
 }
 

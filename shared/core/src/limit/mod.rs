@@ -109,10 +109,12 @@
 //! - A denied request changes nothing: `acquire` returns no state to write.
 
 mod fixed_window;
+pub mod fleet;
 mod gcra;
 pub mod headers;
 mod leaky_bucket;
 pub mod policy;
+pub mod request;
 mod sliding_window;
 mod table;
 mod token_bucket;
@@ -607,6 +609,12 @@ fn div_rem(n: u128, d: u64) -> (u128, u64) {
 /// The start of the window of length `period` (> 0) that holds `t`.
 fn window_start(t: u64, period: u64) -> u64 {
     t - t % period.max(1)
+}
+
+impl crate::routes::Routed for policy::RateLimitPolicy {
+    fn routes(&self) -> Option<&[alloc::string::String]> {
+        self.routes.as_deref()
+    }
 }
 
 #[cfg(test)]

@@ -9,18 +9,18 @@
 //! A policy's state lives in shared data under `keel/rate_limit/<policy>/<slot>`, one value per
 //! slot of its [`KeyTable`].
 
+use alloc::borrow::ToOwned;
 use alloc::format;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::vec::Vec;
-use core::fmt;
-use core::marker::PhantomData;
 
-use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
+use super::fleet::{FleetLimit, FleetSpec};
 use super::{Algorithm, KeyTable, Limiter};
 use crate::config::{
-    check_names, parse_duration, ConfigError, FieldPath, Rate, RateSpec, Selector,
+    validate_each, Bounded, ConfigError, FieldPath, LocalReply, LocalReplySpec, Name,
+    PositiveDuration, Rate, RateSpec, Routes, Selector, SortedMap, Validate,
 };
 use crate::time::Duration;
 
@@ -37,10 +37,10 @@ pub struct RateLimitSpec {
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
     /// Unique name: it names metrics, headers and shared-data keys.
-    pub name: String,
+    pub name: Name,
     /// Envoy route names the policy applies to; all routes when absent.
     #[serde(default)]
-    pub routes: Option<Vec<String>>,
+    pub routes: Option<Routes>,
     /// The key selector; `"global"` (one bucket for all) when absent.
     #[serde(default)]
     pub key: Option<String>,
@@ -54,10 +54,10 @@ pub struct PolicySpec {
     pub tiers: Option<TiersSpec>,
     /// What to do with a request that has no key: `shared` (default), `allow` or `deny`.
     #[serde(default)]
-    pub missing_key: Option<String>,
+    pub missing_key: Option<MissingKey>,
     /// The most keys tracked at once (slots in shared data); default 16384.
     #[serde(default)]
-    pub max_keys: Option<u32>,
+    pub max_keys: Option<Bounded<1, { MAX_MAX_KEYS as u64 }>>,
     /// Delay requests over the limit instead of refusing them.
     #[serde(default)]
     pub shaping: Option<ShapingSpec>,
@@ -66,7 +66,10 @@ pub struct PolicySpec {
     pub response_headers: Option<bool>,
     /// The reply to a refused request.
     #[serde(default)]
-    pub deny: Option<DenySpec>,
+    pub deny: Option<LocalReplySpec>,
+    /// A fleet-wide limit kept in Redis (through Webdis); per process when absent.
+    #[serde(default)]
+    pub store: Option<FleetSpec>,
 }
 
 /// Tiers as written.
@@ -76,7 +79,7 @@ pub struct TiersSpec {
     /// The selector whose value names the tier, e.g. `header:x-plan`.
     pub key: String,
     /// The limit of each tier by name.
-    pub limits: SortedMap<RateSpec>,
+    pub limits: SortedMap<String, RateSpec>,
     /// The tier of requests without a known tier; the policy's `limit` when absent.
     #[serde(default)]
     pub default: Option<String>,
@@ -87,86 +90,12 @@ pub struct TiersSpec {
 #[serde(deny_unknown_fields)]
 pub struct ShapingSpec {
     /// The longest a request may be held; longer waits are refused.
-    pub max_delay: String,
-}
-
-/// The refusal reply as written.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DenySpec {
-    /// Status, default 429.
-    #[serde(default)]
-    pub status: Option<u32>,
-    /// Body, default `rate limited\n`.
-    #[serde(default)]
-    pub body: Option<String>,
-    /// Extra headers.
-    #[serde(default)]
-    pub headers: Option<SortedMap<String>>,
-}
-
-/// A JSON object read as its entries sorted by key, a repeated key keeping its last value:
-/// what a `BTreeMap` gives (same order, same errors), in a `Vec` whose code is a fraction of
-/// the B-tree's in a module that only reads a few entries once.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SortedMap<V>(pub Vec<(String, V)>);
-
-impl<V> Default for SortedMap<V> {
-    fn default() -> Self {
-        SortedMap(Vec::new())
-    }
-}
-
-impl<V> SortedMap<V> {
-    /// The entries, sorted by key.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &V)> {
-        self.0.iter().map(|(k, v)| (k, v))
-    }
-
-    /// How many entries.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl<'de, V: Deserialize<'de>> Deserialize<'de> for SortedMap<V> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Entries<V>(PhantomData<V>);
-
-        impl<'de, V: Deserialize<'de>> Visitor<'de> for Entries<V> {
-            type Value = SortedMap<V>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a map")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut entries: Vec<(String, V)> = Vec::new();
-                while let Some((key, value)) = map.next_entry::<String, V>()? {
-                    match entries.binary_search_by(|(k, _)| k.as_str().cmp(key.as_str())) {
-                        Ok(i) => {
-                            if let Some(entry) = entries.get_mut(i) {
-                                entry.1 = value;
-                            }
-                        }
-                        Err(i) => entries.insert(i, (key, value)),
-                    }
-                }
-                Ok(SortedMap(entries))
-            }
-        }
-
-        deserializer.deserialize_map(Entries(PhantomData))
-    }
+    pub max_delay: PositiveDuration,
 }
 
 /// What happens to a request that does not carry the policy's key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MissingKey {
     /// All such requests share one bucket.
     Shared,
@@ -187,16 +116,8 @@ pub struct Tiers {
     pub default: Option<usize>,
 }
 
-/// The refusal reply.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DenyReply {
-    /// HTTP status.
-    pub status: u32,
-    /// Body.
-    pub body: String,
-    /// Extra headers (lower-case names).
-    pub headers: Vec<(String, String)>,
-}
+/// The refusal reply: the kit's local reply, `429` and `rate limited` by default.
+pub type DenyReply = LocalReply;
 
 /// A validated policy.
 #[derive(Clone, Debug)]
@@ -221,6 +142,8 @@ pub struct RateLimitPolicy {
     pub response_headers: bool,
     /// The refusal reply.
     pub deny: DenyReply,
+    /// The fleet-wide store, if any: the limit is then shared by every process.
+    pub fleet: Option<FleetLimit>,
 }
 
 /// The default of `max_keys`.
@@ -273,18 +196,18 @@ impl RateLimitPolicy {
     }
 }
 
-/// Validates the whole configuration.
-pub fn validate(spec: &RateLimitSpec) -> Result<Vec<RateLimitPolicy>, ConfigError> {
-    let root = FieldPath::root().field("policies");
-    if spec.policies.is_empty() {
-        return Err(root.error("needs at least one policy"));
+impl Validate for Vec<RateLimitPolicy> {
+    type Wire = RateLimitSpec;
+    /// Validates the whole configuration.
+    fn validate(spec: &RateLimitSpec) -> Result<Vec<RateLimitPolicy>, ConfigError> {
+        validate_each(
+            &FieldPath::root().field("policies"),
+            "policy",
+            &spec.policies,
+            |p| p.name.as_str(),
+            validate_policy,
+        )
     }
-    check_names(&root, "name", spec.policies.iter().map(|p| p.name.as_str()))?;
-    spec.policies
-        .iter()
-        .enumerate()
-        .map(|(i, p)| validate_policy(&root.index(i), p))
-        .collect()
 }
 
 fn validate_policy(path: &FieldPath, spec: &PolicySpec) -> Result<RateLimitPolicy, ConfigError> {
@@ -304,39 +227,42 @@ fn validate_policy(path: &FieldPath, spec: &PolicySpec) -> Result<RateLimitPolic
         Some(t) => Some(validate_tiers(&path.field("tiers"), t, algorithm)?),
         None => None,
     };
-    let missing_key = match spec.missing_key.as_deref() {
-        None | Some("shared") => MissingKey::Shared,
-        Some("allow") => MissingKey::Allow,
-        Some("deny") => MissingKey::Deny,
-        Some(other) => {
-            return Err(path.field("missing_key").error(format!(
-                "expected \"shared\", \"allow\" or \"deny\", got \"{other}\""
-            )))
-        }
-    };
-    let max_keys = spec.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
-    if max_keys == 0 || max_keys > MAX_MAX_KEYS {
-        return Err(path.field("max_keys").error(format!(
-            "must be between 1 and {MAX_MAX_KEYS}, got {max_keys}"
-        )));
-    }
+    let missing_key = spec.missing_key.unwrap_or(MissingKey::Shared);
+    let max_keys = spec.max_keys.map_or(DEFAULT_MAX_KEYS, |n| n.get_u32());
     let max_delay = match &spec.shaping {
-        Some(s) => {
-            let at = path.field("shaping").field("max_delay");
-            let d = parse_duration(&at, &s.max_delay)?;
-            if d.is_zero() || d > Duration::from_secs(60) {
-                return Err(at.error(format!(
-                    "must be more than zero and at most 60s (a held request holds a connection), got \"{}\"",
-                    s.max_delay
-                )));
-            }
-            d
+        Some(s) if s.max_delay.0 > MAX_SHAPING_DELAY => {
+            return Err(path.field("shaping").field("max_delay").error(format!(
+                "must be at most {MAX_SHAPING_DELAY} (a held request holds a connection), got {}",
+                s.max_delay.0
+            )));
         }
+        Some(s) => s.max_delay.0,
         None => Duration::ZERO,
     };
+    let fleet = match &spec.store {
+        Some(store) => {
+            let at = path.field("store");
+            if !matches!(algorithm, Algorithm::TokenBucket | Algorithm::Gcra) {
+                return Err(path.field("algorithm").error(format!(
+                    "a fleet-wide limit (\"store\") supports \"token_bucket\" and \"gcra\", got \"{algorithm}\""
+                )));
+            }
+            if spec.shaping.is_some() {
+                return Err(path
+                    .field("shaping")
+                    .error("cannot be combined with a fleet-wide limit (\"store\")"));
+            }
+            let mut limiters: Vec<(&str, &Limiter)> = alloc::vec![("", &limiter)];
+            if let Some(t) = &tiers {
+                limiters.extend(t.limits.iter().map(|(n, l)| (n.as_str(), l)));
+            }
+            Some(FleetLimit::from_spec(&at, store, limiters.into_iter())?)
+        }
+        None => None,
+    };
     Ok(RateLimitPolicy {
-        name: spec.name.clone(),
-        routes: spec.routes.clone(),
+        name: spec.name.as_str().to_owned(),
+        routes: spec.routes.as_ref().map(|r| r.names().to_vec()),
         key,
         limiter,
         tiers,
@@ -345,9 +271,15 @@ fn validate_policy(path: &FieldPath, spec: &PolicySpec) -> Result<RateLimitPolic
         max_delay,
         response_headers: spec.response_headers.unwrap_or(true),
         deny: match &spec.deny {
-            Some(deny) => validate_deny(&path.field("deny"), deny)?,
-            None => validate_deny(&path.field("deny"), &DenySpec::default())?,
+            Some(deny) => LocalReply::from_spec(
+                &path.field("deny"),
+                deny,
+                &default_deny(),
+                &DENY_RESERVED_HEADERS,
+            )?,
+            None => default_deny(),
         },
+        fleet,
     })
 }
 
@@ -379,42 +311,16 @@ fn validate_tiers(
     })
 }
 
-fn validate_deny(path: &FieldPath, spec: &DenySpec) -> Result<DenyReply, ConfigError> {
-    let status = spec.status.unwrap_or(429);
-    if !(200..=599).contains(&status) {
-        return Err(path.field("status").error(format!(
-            "must be an HTTP status from 200 to 599, got {status}"
-        )));
-    }
-    let body = spec
-        .body
-        .clone()
-        .unwrap_or_else(|| "rate limited\n".to_string());
-    if body.len() > 65_536 {
-        return Err(path.field("body").error("must be at most 64 KiB"));
-    }
-    let mut headers = Vec::new();
-    for (name, value) in spec.headers.iter().flat_map(SortedMap::iter) {
-        let at = path.field("headers").field(name);
-        if name.is_empty() || name.starts_with(':') || !name.bytes().all(is_token_byte) {
-            return Err(at.error("is not a valid header name"));
-        }
-        if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-            return Err(at.error("header values may not contain CR, LF or NUL"));
-        }
-        headers.push((name.to_ascii_lowercase(), value.clone()));
-    }
-    Ok(DenyReply {
-        status,
-        body,
-        headers,
-    })
+/// The refusal without a `deny` section: `429`, `rate limited`.
+fn default_deny() -> LocalReply {
+    LocalReply::new(429, "rate limited\n")
 }
 
-/// RFC 9110 token characters, which header names consist of.
-fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
+/// Headers a `deny` reply may not set: the filter sets them from the limit.
+const DENY_RESERVED_HEADERS: [&str; 3] = ["retry-after", "ratelimit", "ratelimit-policy"];
+
+/// The longest `shaping.max_delay`.
+const MAX_SHAPING_DELAY: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {
@@ -422,11 +328,11 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
+    use alloc::string::ToString;
 
+    /// The production entry point.
     fn parse(json: &str) -> Result<Vec<RateLimitPolicy>, ConfigError> {
-        let spec: RateLimitSpec =
-            serde_json::from_str(json).map_err(|e| ConfigError::new("", e.to_string()))?;
-        validate(&spec)
+        crate::config::load(json.as_bytes())
     }
 
     #[test]
@@ -481,13 +387,13 @@ mod tests {
             r#"{"x": "1", "x": "2", "a": "0", "x": "3"}"#,
             r#"{"é": "1", "Z": "2", "z": "3", "": "4"}"#,
         ] {
-            let ours: SortedMap<String> = serde_json::from_str(json).unwrap();
+            let ours: SortedMap<String, String> = serde_json::from_str(json).unwrap();
             let btree: BTreeMap<String, String> = serde_json::from_str(json).unwrap();
             let expected: Vec<(String, String)> = btree.into_iter().collect();
             assert_eq!(ours.0, expected, "{json}");
         }
         for json in ["5", "[]", r#"{"a": 1}"#, "null"] {
-            let ours = serde_json::from_str::<SortedMap<String>>(json).unwrap_err();
+            let ours = serde_json::from_str::<SortedMap<String, String>>(json).unwrap_err();
             let btree = serde_json::from_str::<BTreeMap<String, String>>(json).unwrap_err();
             assert_eq!(ours.to_string(), btree.to_string(), "{json}");
         }
@@ -537,6 +443,22 @@ mod tests {
                 "policies[1].name",
             ),
             (r#"{"policies": []}"#, "policies"),
+            (
+                r#"{"policies": [{"name": "a", "algorithm": "fixed_window", "store": {"redis": {"cluster": "w"}}, "limit": {"requests": 1, "per": "1s"}}]}"#,
+                "policies[0].algorithm",
+            ),
+            (
+                r#"{"policies": [{"name": "a", "shaping": {"max_delay": "1s"}, "store": {"redis": {"cluster": "w"}}, "limit": {"requests": 1, "per": "1s"}}]}"#,
+                "policies[0].shaping",
+            ),
+            (
+                r#"{"policies": [{"name": "a", "store": {"redis": {"cluster": "w", "timeout": "1h"}}, "limit": {"requests": 1, "per": "1s"}}]}"#,
+                "policies[0].store.redis.timeout",
+            ),
+            (
+                r#"{"policies": [{"name": "a", "store": {"redis": {"cluster": "w"}, "on_store_error": "x"}, "limit": {"requests": 1, "per": "1s"}}]}"#,
+                "policies[0].store.on_store_error",
+            ),
         ];
         for (json, path) in cases {
             let e = parse(json).unwrap_err();

@@ -53,6 +53,38 @@ pub fn slot_key(prefix: &str, slot: u32) -> String {
     key
 }
 
+/// Runs `f` with [`slot_key`]`(prefix, slot)`, built on the stack when it fits (no allocation
+/// per request), else in a `String`: the same text either way.
+pub fn with_slot_key<R>(prefix: &str, slot: u32, f: impl FnOnce(&str) -> R) -> R {
+    let prefix = prefix.trim_end_matches('/');
+    let mut buf = [0u8; 96];
+    let mut digits = [0u8; 10];
+    let mut start = digits.len();
+    let mut rest = slot;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        start -= 1;
+        if rest == 0 {
+            break;
+        }
+    }
+    let digits = digits.get(start..).unwrap_or_default();
+    let len = prefix.len() + 1 + digits.len();
+    if let Some(key) = buf.get_mut(..len) {
+        let (p, rest) = key.split_at_mut(prefix.len());
+        p.copy_from_slice(prefix.as_bytes());
+        if let Some((slash, d)) = rest.split_first_mut() {
+            *slash = b'/';
+            d.copy_from_slice(digits);
+        }
+        if let Ok(key) = core::str::from_utf8(key) {
+            return f(key);
+        }
+    }
+    f(&slot_key(prefix, slot))
+}
+
 /// What happened to a request in one slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SlotOutcome {
@@ -230,18 +262,17 @@ impl KeyTable {
         attempts: u32,
     ) -> Result<Decision, UpdateError> {
         let decided = self.walk(fp, |slot, claim| {
-            update(
-                store,
-                &slot_key(prefix, slot),
-                attempts,
-                |old| match claim_slot(limiter, old, fp, now, cost, max_delay, claim) {
-                    SlotOutcome::Applied {
-                        new_value,
-                        decision,
-                    } => (new_value, Some(decision)),
-                    SlotOutcome::Occupied => (None, None),
-                },
-            )
+            with_slot_key(prefix, slot, |key| {
+                update(store, key, attempts, |old| {
+                    match claim_slot(limiter, old, fp, now, cost, max_delay, claim) {
+                        SlotOutcome::Applied {
+                            new_value,
+                            decision,
+                        } => (new_value, Some(decision)),
+                        SlotOutcome::Occupied => (None, None),
+                    }
+                })
+            })
         })?;
         // The walk's last step shares, so it always decides; were it not to, the key would be
         // treated as fresh.
@@ -273,9 +304,7 @@ impl KeyTable {
     ) -> Result<u32, StoreError> {
         let mut created = 0;
         for slot in 0..self.slots {
-            let key = slot_key(prefix, slot);
-            if store.get(&key)?.is_none() {
-                store.set(&key, Self::EMPTY_SLOT, None)?;
+            if crate::store::ensure(store, &slot_key(prefix, slot), Self::EMPTY_SLOT)? {
                 created += 1;
             }
         }
@@ -373,6 +402,36 @@ mod tests {
         assert_eq!(slot_key("keel/rate_limit/api", 0), "keel/rate_limit/api/0");
         for slot in [9, 10, 99, 100, 16_383, 1_048_575, 1_234_567_890, u32::MAX] {
             assert_eq!(slot_key("p//", slot), alloc::format!("p/{slot}"));
+        }
+    }
+
+    #[test]
+    fn slot_keys_built_on_the_stack_are_the_same_text() {
+        let long = "k".repeat(120);
+        for prefix in [
+            "keel/rate_limit/api/",
+            "p//",
+            "",
+            "/",
+            long.as_str(),
+            &long[..84],
+            &long[..85],
+        ] {
+            for slot in [
+                0,
+                7,
+                9,
+                10,
+                99,
+                100,
+                16_383,
+                1_048_575,
+                1_234_567_890,
+                u32::MAX,
+            ] {
+                let built = with_slot_key(prefix, slot, alloc::string::ToString::to_string);
+                assert_eq!(built, slot_key(prefix, slot), "{prefix:?} {slot}");
+            }
         }
     }
 

@@ -142,12 +142,61 @@ pub fn handed_on_response_header(name: &str) -> bool {
     !name.starts_with(':') && name != "content-length" && !HOP_BY_HOP.contains(&name)
 }
 
+/// The stream property (Envoy: filter state `wasm.keel.retry.router_attempt`) in which the
+/// retry filter leaves what the router's attempt got, when it holds that response to retry:
+/// the response the client finally gets (another host's answer) says nothing about the host
+/// the router went to, and discovery's passive ejection must judge that host by its own answer.
+pub const ROUTER_ATTEMPT_PROPERTY: &str = "keel.retry.router_attempt";
+
+/// The [`ROUTER_ATTEMPT_PROPERTY`] value: the status, then a space and Envoy's
+/// `response.code_details` when known (`"503 upstream_reset_before_response_started{...}"`).
+pub fn encode_router_attempt(status: u16, details: Option<&str>) -> alloc::string::String {
+    match details.filter(|d| !d.is_empty()) {
+        Some(d) => alloc::format!("{status} {d}"),
+        None => alloc::format!("{status}"),
+    }
+}
+
+/// The status and code details of a [`ROUTER_ATTEMPT_PROPERTY`] value; `None` when it does not
+/// start with a status code of three digits.
+pub fn decode_router_attempt(text: &str) -> Option<(u16, Option<&str>)> {
+    let (code, details) = match text.split_once(' ') {
+        Some((c, d)) => (c, Some(d).filter(|d| !d.is_empty())),
+        None => (text, None),
+    };
+    if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    code.parse().ok().map(|status| (status, details))
+}
+
 #[cfg(test)]
 mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
+
+    #[test]
+    fn the_router_attempt_hand_off_round_trips() {
+        let text = encode_router_attempt(503, Some("upstream_reset_before_response_started{x}"));
+        assert_eq!(text, "503 upstream_reset_before_response_started{x}");
+        assert_eq!(
+            decode_router_attempt(&text),
+            Some((503, Some("upstream_reset_before_response_started{x}")))
+        );
+        assert_eq!(
+            decode_router_attempt(&encode_router_attempt(500, None)),
+            Some((500, None))
+        );
+        assert_eq!(
+            decode_router_attempt(&encode_router_attempt(500, Some(""))),
+            Some((500, None))
+        );
+        for bad in ["", "50", "5000", "abc", " 500"] {
+            assert_eq!(decode_router_attempt(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn code_details_name_the_cause() {

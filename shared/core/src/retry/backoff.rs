@@ -23,7 +23,8 @@ use crate::rand::Rng;
 use crate::time::Duration;
 
 /// How a delay is randomised within its exponential ceiling.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Jitter {
     /// Uniform in `[0, v)`: the least work under contention (AWS study). The default.
     #[default]

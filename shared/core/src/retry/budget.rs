@@ -54,8 +54,9 @@ pub const MIN_TTL: Duration = Duration::from_secs(1);
 pub const MAX_TTL: Duration = Duration::from_secs(60);
 /// Bytes of the shared-data value.
 pub const STATE_LEN: usize = 16 + 8 * SLOTS;
-/// Compare-and-swap attempts of the shared operations before they report contention.
-pub const CAS_ATTEMPTS: u32 = 16;
+/// Compare-and-swap attempts of the shared operations before they report contention: the
+/// one budget of every shared value ([`crate::store::ATTEMPTS`]).
+pub const CAS_ATTEMPTS: u32 = crate::store::ATTEMPTS;
 
 /// Why [`RetryBudget::new`] refused its parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,12 +298,17 @@ impl RetryBudget {
         now: Instant,
     ) -> Result<(), UpdateError> {
         update(store, key, CAS_ATTEMPTS, |old| {
-            let usable = old
-                .and_then(BudgetState::decode)
-                .is_some_and(|s| s.slot_nanos == self.slot.as_nanos());
-            let write = (!usable).then(|| self.empty_state(now).encode());
-            (write, ())
+            (self.ensure_bytes(old, now), ())
         })
+    }
+
+    /// What [`RetryBudget::ensure_shared`] writes over the stored bytes `old`: an empty state
+    /// if they are absent, unreadable or of another slot length; nothing for a good one.
+    pub fn ensure_bytes(&self, old: Option<&[u8]>, now: Instant) -> Option<Vec<u8>> {
+        let usable = old
+            .and_then(BudgetState::decode)
+            .is_some_and(|s| s.slot_nanos == self.slot.as_nanos());
+        (!usable).then(|| self.empty_state(now).encode())
     }
 
     /// Deposits one request in the budget stored under `key`, by compare-and-swap.

@@ -27,9 +27,11 @@ use crate::retry::after::{parse_rate_limit_reset, parse_retry_after, Pushback};
 use crate::time::Duration;
 
 /// One `retry_on` condition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RetryCondition {
     /// `5xx`.
+    #[serde(rename = "5xx")]
     ServerError,
     /// `gateway-error`.
     GatewayError,
@@ -38,6 +40,7 @@ pub enum RetryCondition {
     /// `connect-failure`.
     ConnectFailure,
     /// `retriable-4xx`.
+    #[serde(rename = "retriable-4xx")]
     Retriable4xx,
     /// `retriable-status-codes`.
     RetriableStatusCodes,

@@ -31,8 +31,8 @@
 use crate::rand::Rng;
 use crate::retry::after::Pushback;
 use crate::retry::condition::Outcome;
-use crate::retry::config::RetryPolicy;
 use crate::retry::eligibility::Eligibility;
+use crate::retry::policy::RetryPolicy;
 use crate::time::{Duration, Instant};
 
 /// Why no further attempt is made.
@@ -203,7 +203,7 @@ mod tests {
     use crate::rand::SeededRng;
     use crate::retry::budget::RetryBudget;
     use crate::retry::condition::Response;
-    use crate::retry::config::RetryConfig;
+    use crate::retry::policy::RetryConfig;
     use crate::store::testing::MemoryStore;
     use alloc::format;
     use alloc::vec::Vec;
@@ -214,7 +214,10 @@ mod tests {
         let json = format!(
             r#"{{"policies": [{{"name": "p", "cluster": "c", "backoff": {{"base": "25ms", "cap": "250ms", "jitter": "none"}} {extra}}}]}}"#
         );
-        RetryConfig::from_json(&json).unwrap().policies()[0].clone()
+        crate::config::load::<RetryConfig>(json.as_bytes())
+            .unwrap()
+            .policies()[0]
+            .clone()
     }
 
     fn at(ms: u64) -> Instant {

@@ -6,8 +6,11 @@
 //! field path, so an operator reads `rate-limit: policies[1].limit.per: expected a duration like
 //! "1s", got "fast"` in Envoy's log and knows what to fix.
 //!
-//! Shared pieces of the contract live here: durations ([`parse_duration`]), request key
-//! selectors ([`Selector`]), rates ([`RateSpec`]) and the [`FieldPath`] used while validating.
+//! The one entry point is [`load`] (a filter's [`Validate`] type from the plugin
+//! configuration's bytes), through [`parse_json`], whose errors name the field path. The field
+//! types in [`fields`] (durations, bounded numbers, names, header names and values, route lists,
+//! local replies) check their rule while the JSON is read; request key selectors
+//! ([`Selector`]), rates ([`RateSpec`]) and the [`FieldPath`] used while validating live here.
 
 use alloc::borrow::ToOwned;
 use alloc::format;
@@ -18,6 +21,31 @@ use core::fmt;
 use serde::Deserialize;
 
 use crate::time::Duration;
+
+pub mod fields;
+mod json;
+
+pub use fields::{
+    AnyDuration, Bounded, HeaderName, HeaderValue, LocalReply, LocalReplySpec, Name, Positive,
+    PositiveDuration, Ratio, Routes, SortedMap,
+};
+pub use json::{from_value, parse_json};
+
+/// A filter's validated configuration, read from its wire structs ([`Validate::Wire`], what the
+/// JSON says). [`load`] is the one way from the plugin configuration's bytes to it: production
+/// glue and tests both go through it.
+pub trait Validate: Sized {
+    /// The serde structs that mirror the JSON.
+    type Wire: serde::de::DeserializeOwned;
+    /// Checks what serde cannot (rules between fields, uniqueness, defaults).
+    fn validate(wire: &Self::Wire) -> Result<Self, ConfigError>;
+}
+
+/// Parses `bytes` ([`parse_json`]) and validates the result: the one entry point of every
+/// filter's configuration.
+pub fn load<T: Validate>(bytes: &[u8]) -> Result<T, ConfigError> {
+    T::validate(&parse_json(bytes)?)
+}
 
 /// A refused configuration: where (a field path such as `policies[1].limit.per`) and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,119 +106,6 @@ impl FieldPath {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-}
-
-/// Parses a filter's JSON configuration into its serde structs. The error names the field path
-/// (`policies[1].limit.per: invalid type: integer `5`, expected a string`) for type errors,
-/// unknown and missing fields; syntax errors keep serde_json's line and column.
-///
-/// serde_json reports where it stopped as a line and column; [`json_path_at`] turns that
-/// position back into the path. This costs nothing until there is an error, and keeps the
-/// modules small (a path-tracking deserializer wrapper doubles the code of every config struct).
-pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ConfigError::new(
-            "",
-            "the configuration is empty; expected a JSON object (see the filter's configuration reference)",
-        ));
-    }
-    serde_json::from_slice(bytes).map_err(|e| {
-        let message = e.to_string();
-        if e.is_syntax() || e.is_eof() || e.is_io() {
-            return ConfigError::new("", format!("not valid JSON: {message}"));
-        }
-        let path = json_path_at(bytes, e.line(), e.column());
-        // serde_json ends its message with the position, which the path now says better.
-        let message = match message.rfind(" at line ") {
-            Some(end) => &message[..end],
-            None => &message,
-        };
-        ConfigError::new(path, message)
-    })
-}
-
-/// The path (`policies[1].limit.per`) of the JSON value that the 1-based `line` and `column`
-/// of `text` fall in, as serde_json reports positions: the last byte it read. Keys and list
-/// items are tracked with a small scanner over the text; a position past the end gives the path
-/// at the end.
-pub fn json_path_at(text: &[u8], line: usize, column: usize) -> String {
-    enum Frame {
-        Object { key: Option<String> },
-        Array { index: usize },
-    }
-    // The byte offset of the position.
-    let mut offset = text.len();
-    let (mut l, mut c) = (1, 0);
-    for (i, b) in text.iter().enumerate() {
-        if *b == b'\n' {
-            l += 1;
-            c = 0;
-            continue;
-        }
-        c += 1;
-        if l == line && c == column {
-            offset = i + 1;
-            break;
-        }
-    }
-    let text = &text[..offset.min(text.len())];
-    let mut stack: Vec<Frame> = Vec::new();
-    let mut expecting_key = false;
-    let mut i = 0;
-    while i < text.len() {
-        match text[i] {
-            b'{' => {
-                stack.push(Frame::Object { key: None });
-                expecting_key = true;
-            }
-            b'[' => {
-                stack.push(Frame::Array { index: 0 });
-                expecting_key = false;
-            }
-            b'}' | b']' => {
-                stack.pop();
-                expecting_key = false;
-            }
-            b',' => match stack.last_mut() {
-                Some(Frame::Object { key }) => {
-                    *key = None;
-                    expecting_key = true;
-                }
-                Some(Frame::Array { index }) => *index += 1,
-                None => {}
-            },
-            b':' => expecting_key = false,
-            b'"' => {
-                let start = i + 1;
-                i += 1;
-                while i < text.len() && text[i] != b'"' {
-                    i += if text[i] == b'\\' { 2 } else { 1 };
-                }
-                if expecting_key {
-                    if let Some(Frame::Object { key }) = stack.last_mut() {
-                        let end = i.min(text.len());
-                        *key = Some(String::from_utf8_lossy(&text[start..end]).into_owned());
-                    }
-                }
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    let mut path = String::new();
-    for frame in &stack {
-        match frame {
-            Frame::Object { key: Some(key) } => {
-                if !path.is_empty() {
-                    path.push('.');
-                }
-                path.push_str(key);
-            }
-            Frame::Object { key: None } => {}
-            Frame::Array { index } => path.push_str(&format!("[{index}]")),
-        }
-    }
-    path
 }
 
 /// Parses a duration string at `path`, e.g. `"250ms"`; the error names the path and the value.
@@ -368,6 +283,27 @@ impl Rate {
     }
 }
 
+/// Validates the list at `path` of the named items every filter configures (`policies`,
+/// `breakers`, `pickers`, `services`): at least one `what`, names unique ([`check_names`]), then
+/// each item with `one` at its own path.
+pub fn validate_each<S, T>(
+    path: &FieldPath,
+    what: &str,
+    items: &[S],
+    name: impl Fn(&S) -> &str,
+    one: impl Fn(&FieldPath, &S) -> Result<T, ConfigError>,
+) -> Result<Vec<T>, ConfigError> {
+    if items.is_empty() {
+        return Err(path.error(format!("must list at least one {what}")));
+    }
+    check_names(path, "name", items.iter().map(&name))?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| one(&path.index(i), item))
+        .collect()
+}
+
 /// Checks that every name in `names` is unique, non-empty and usable in a shared-data key and a
 /// metric name (ASCII letters, digits, `-`, `_`, `.`).
 pub fn check_names<'a>(
@@ -486,64 +422,6 @@ mod tests {
         let r: Result<RateSpec, _> =
             serde_json::from_str(r#"{"requests": 1, "per": "1s", "brust": 2}"#);
         assert!(r.is_err());
-    }
-
-    #[test]
-    fn json_errors_name_the_path() {
-        #[derive(Debug, Deserialize)]
-        #[serde(deny_unknown_fields)]
-        #[allow(dead_code)]
-        struct Outer {
-            policies: Vec<Inner>,
-        }
-        #[derive(Debug, Deserialize)]
-        #[serde(deny_unknown_fields)]
-        #[allow(dead_code)]
-        struct Inner {
-            name: String,
-            limit: RateSpec,
-            #[serde(default)]
-            max_keys: Option<u32>,
-        }
-        let err = |json: &str| parse_json::<Outer>(json.as_bytes()).unwrap_err();
-        let ok = r#"{"name": "a", "limit": {"requests": 1, "per": "1s"}}"#;
-        let e = err(&format!(
-            r#"{{"policies": [{ok}, {{"name": "b", "max_keys": "x", "limit": {{"requests": 1, "per": "1s"}}}}]}}"#
-        ));
-        assert_eq!(e.path, "policies[1].max_keys", "{e}");
-        assert!(e.message.starts_with("invalid type: string"), "{e}");
-        let e = err(r#"{"policies": [{"name": "a", "nmae": 1}]}"#);
-        assert_eq!(e.path, "policies[0].nmae", "{e}");
-        assert!(e.message.contains("unknown field"), "{e}");
-        let e = err(&format!(
-            "{{\n  \"policies\": [\n    {ok},\n    {{\"name\": \"b\", \"limit\": {{\"requests\": 1, \"per\": 5}}}}\n  ]\n}}"
-        ));
-        assert_eq!(e.path, "policies[1].limit.per", "{e}");
-        let e = err(r#"{"policies": [{"name": "a"}]}"#);
-        assert_eq!(e.path, "policies[0]", "{e}");
-        assert!(e.message.contains("missing field `limit`"), "{e}");
-        let e = err(r#"{"policies": [{"name": "a\"b", "limit": {"requests": -1, "per": "1s"}}]}"#);
-        assert_eq!(e.path, "policies[0].limit.requests", "{e}");
-        let e = err("{");
-        assert_eq!(e.path, "");
-        assert!(e.message.starts_with("not valid JSON"), "{e}");
-        let e = err("  ");
-        assert!(e.message.contains("empty"), "{e}");
-        let e = err(r#"{"policies": {"name": "a"}}"#);
-        assert_eq!(e.path, "policies", "{e}");
-    }
-
-    #[test]
-    fn json_path_at_never_panics() {
-        let text = br#"{"a": [1, {"b": "x\"y"}, [2, 3]], "c": {"d": null}}"#;
-        for line in 0..3 {
-            for column in 0..text.len() + 3 {
-                let _ = json_path_at(text, line, column);
-            }
-        }
-        for cut in 0..text.len() {
-            let _ = json_path_at(&text[..cut], 1, cut);
-        }
     }
 
     #[test]

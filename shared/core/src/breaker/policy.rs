@@ -1,12 +1,13 @@
-//! The breaker filter's configuration: serde structs that mirror the JSON, then validation
-//! into [`Breakers`] and [`BreakerPolicy`].
+//! The breaker policy: the validated [`BreakerPolicy`] of one route set and [`Breakers`], the
+//! filter's policies in order, read with [`crate::config::load`] from the wire structs in
+//! [`super::wire`].
 //!
 //! Every field but `name` may be omitted; the defaults are listed in the [module
 //! docs](super) and follow Hystrix where the issue gives no value (10 s window in 10 buckets,
 //! 20 calls, 50 %, 5 s open, one probe). Validation never panics; each refusal names the field
 //! path, e.g. `breakers[0].failure_rate: must be in (0, 1], got 1.5`.
 
-use alloc::collections::BTreeMap;
+use alloc::borrow::ToOwned;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -15,155 +16,15 @@ use serde::Deserialize;
 
 use super::fallback::FallbackPolicy;
 use super::outcome::{FailurePolicy, StatusSet};
-use super::reply::OpenReply;
-use super::state::MAX_BUCKETS;
-use crate::config::{check_names, parse_positive_duration, ConfigError, FieldPath};
+use super::reply::{default_open_reply, RESERVED_HEADERS};
+use super::wire::{BreakerSpec, BreakersConfig, FailureSpec, StatusSpec};
+use crate::config::{validate_each, ConfigError, FieldPath, LocalReply, Routes, Validate};
+use crate::routes::Routed;
 use crate::time::Duration;
 
-/// The whole filter configuration: `{"breakers": [...]}`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct BreakersConfig {
-    /// One entry per breaker policy.
-    pub breakers: Vec<BreakerSpec>,
-}
-
-/// One breaker as written in the configuration.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct BreakerSpec {
-    /// Unique name: used in metrics, logs and shared-data keys.
-    pub name: String,
-    /// Envoy route names this breaker guards; omitted = every route.
-    #[serde(default)]
-    pub routes: Option<Vec<String>>,
-    /// `"normal"`, `"forced_open"`, `"disabled"` or `"metrics_only"`.
-    #[serde(default)]
-    pub mode: Option<String>,
-    /// `"policy"`, `"cluster"` or `"host"`: what one breaker instance covers.
-    #[serde(default)]
-    pub scope: Option<String>,
-    /// Scopes `cluster` and `host`: the most instances one worker tracks.
-    #[serde(default)]
-    pub max_instances: Option<u64>,
-    /// Length of the sliding window, e.g. `"10s"`.
-    #[serde(default)]
-    pub window: Option<String>,
-    /// Number of buckets the window is cut into.
-    #[serde(default)]
-    pub buckets: Option<u64>,
-    /// Failure rate, in (0, 1], at or above which the breaker opens.
-    #[serde(default)]
-    pub failure_rate: Option<f64>,
-    /// Outcomes the window must hold before a rate can open the breaker.
-    #[serde(default)]
-    pub min_calls: Option<u64>,
-    /// Slow-call tracking.
-    #[serde(default)]
-    pub slow_call: Option<SlowCallSpec>,
-    /// What counts as a failure.
-    #[serde(default)]
-    pub failure: Option<FailureSpec>,
-    /// First open period, e.g. `"5s"`.
-    #[serde(default)]
-    pub open_for: Option<String>,
-    /// Factor applied to the open period on each consecutive opening.
-    #[serde(default)]
-    pub open_for_multiplier: Option<f64>,
-    /// Cap of the open period.
-    #[serde(default)]
-    pub max_open_for: Option<String>,
-    /// Probes admitted in half-open.
-    #[serde(default)]
-    pub half_open_probes: Option<u64>,
-    /// How long a probe permit waits for its outcome before it is reclaimed.
-    #[serde(default)]
-    pub probe_timeout: Option<String>,
-    /// The local reply sent while open.
-    #[serde(default)]
-    pub open_reply: Option<OpenReplySpec>,
-    /// Serving the last good response while open.
-    #[serde(default)]
-    pub fallback: Option<FallbackSpec>,
-}
-
-/// `slow_call`: `{"duration": "2s", "rate": 0.8}`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct SlowCallSpec {
-    /// A call whose response headers come later than this is slow.
-    pub duration: String,
-    /// Slow-call rate, in (0, 1], at or above which the breaker opens; default 1.0.
-    #[serde(default)]
-    pub rate: Option<f64>,
-}
-
-/// `failure`: `{"statuses": ["5xx", 429], "resets": true, "timeouts": true}`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct FailureSpec {
-    /// Statuses that are failures: classes (`"5xx"`) or codes (`"503"` or `503`).
-    #[serde(default)]
-    pub statuses: Option<Vec<StatusSpec>>,
-    /// Whether connection resets and calls without a response are failures.
-    #[serde(default)]
-    pub resets: Option<bool>,
-    /// Whether upstream timeouts are failures.
-    #[serde(default)]
-    pub timeouts: Option<bool>,
-}
-
-/// A status as written: a number or a string (`"503"`, `"5xx"`).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum StatusSpec {
-    /// `503`
-    Code(u64),
-    /// `"503"` or `"5xx"`
-    Text(String),
-}
-
-/// `open_reply`: `{"status": 503, "body": "...", "headers": {"content-type": "..."}}`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct OpenReplySpec {
-    /// Status of the local reply.
-    #[serde(default)]
-    pub status: Option<u64>,
-    /// Body of the local reply.
-    #[serde(default)]
-    pub body: Option<String>,
-    /// Extra headers of the local reply.
-    #[serde(default)]
-    pub headers: Option<BTreeMap<String, String>>,
-}
-
-/// `fallback`: `{"enabled": true, "max_age": "60s", "max_body_bytes": 65536, "key": "path"}`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct FallbackSpec {
-    /// Whether the fallback is served; default `true` once the section is present.
-    #[serde(default)]
-    pub enabled: Option<bool>,
-    /// Oldest response that may be served.
-    #[serde(default)]
-    pub max_age: Option<String>,
-    /// Largest body kept.
-    #[serde(default)]
-    pub max_body_bytes: Option<u64>,
-    /// Number of cache slots per breaker (bounds shared-data memory).
-    #[serde(default)]
-    pub max_entries: Option<u64>,
-    /// Key selector, with the route, of the cached response.
-    #[serde(default)]
-    pub key: Option<String>,
-    /// Header added to a served fallback.
-    #[serde(default)]
-    pub header: Option<String>,
-}
-
 /// How a breaker acts on traffic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// The state machine decides.
     Normal,
@@ -188,7 +49,8 @@ impl Mode {
 }
 
 /// What one breaker instance covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Scope {
     /// One breaker for the whole policy.
     Policy,
@@ -236,7 +98,7 @@ impl Ratio {
 #[derive(Clone, Debug, PartialEq)]
 pub struct BreakerPolicy {
     pub(crate) name: String,
-    pub(crate) routes: Option<Vec<String>>,
+    pub(crate) routes: Option<Routes>,
     pub(crate) mode: Mode,
     pub(crate) scope: Scope,
     pub(crate) window: Duration,
@@ -252,7 +114,7 @@ pub struct BreakerPolicy {
     pub(crate) probe_timeout: Duration,
     pub(crate) max_instances: u32,
     pub(crate) failure: FailurePolicy,
-    pub(crate) open_reply: OpenReply,
+    pub(crate) open_reply: LocalReply,
     pub(crate) fallback: Option<FallbackPolicy>,
 }
 
@@ -269,9 +131,9 @@ const DEFAULT_PROBES: u16 = 1;
 /// Envoy's default route timeout: a forwarded probe has an outcome by then.
 const DEFAULT_PROBE_TIMEOUT_FLOOR: Duration = Duration::from_secs(15);
 const MIN_BUCKET_WIDTH: Duration = Duration::from_millis(1);
-const MAX_PROBES: u64 = 1000;
+pub(crate) const MAX_PROBES: u64 = 1000;
 const DEFAULT_MAX_INSTANCES: u32 = 1024;
-const LIMIT_MAX_INSTANCES: u64 = 65_536;
+pub(crate) const LIMIT_MAX_INSTANCES: u64 = 65_536;
 
 impl BreakerPolicy {
     /// The policy's name.
@@ -295,7 +157,7 @@ impl BreakerPolicy {
         self.fallback.as_ref()
     }
     /// The local reply sent while open.
-    pub fn open_reply_settings(&self) -> &OpenReply {
+    pub fn open_reply_settings(&self) -> &LocalReply {
         &self.open_reply
     }
     /// Probes admitted per half-open period.
@@ -318,19 +180,6 @@ impl BreakerPolicy {
         (self.open_for, self.open_for_multiplier, self.max_open_for)
     }
 
-    /// The Envoy route names this policy guards; `None`: every route.
-    pub fn routes(&self) -> Option<&[String]> {
-        self.routes.as_deref()
-    }
-
-    /// Whether this policy guards the Envoy route `route`.
-    pub fn applies_to(&self, route: &str) -> bool {
-        match &self.routes {
-            None => true,
-            Some(routes) => routes.iter().any(|r| r == route),
-        }
-    }
-
     /// The shared-data key of the breaker instance for this request:
     /// `keel/circuit-breaker/<name>`, `.../cluster/<cluster>` or `.../host/<host>` by scope.
     /// `None` when the scope needs a cluster or host the caller does not know.
@@ -342,53 +191,18 @@ impl BreakerPolicy {
                 .map(|c| format!("keel/circuit-breaker/{}/cluster/{c}", self.name)),
             Scope::Host => host
                 .filter(|h| !h.is_empty())
-                .map(|h| format!("keel/circuit-breaker/{}/host/{h}", self.name)),
+                .map(|h| super::steer::host_state_key(&self.name, h)),
         }
     }
 
     /// Validates one [`BreakerSpec`] found at `path`.
     pub fn from_spec(path: &FieldPath, spec: &BreakerSpec) -> Result<BreakerPolicy, ConfigError> {
-        let routes = match &spec.routes {
-            None => None,
-            Some(list) => Some(validate_routes(&path.field("routes"), list)?),
-        };
-        let mode = match spec.mode.as_deref() {
-            None | Some("normal") => Mode::Normal,
-            Some("forced_open") => Mode::ForcedOpen,
-            Some("disabled") => Mode::Disabled,
-            Some("metrics_only") => Mode::MetricsOnly,
-            Some(other) => {
-                return Err(path.field("mode").error(format!(
-                    "expected \"normal\", \"forced_open\", \"disabled\" or \"metrics_only\", got \"{other}\""
-                )))
-            }
-        };
-        let scope = match spec.scope.as_deref() {
-            None | Some("policy") => Scope::Policy,
-            Some("cluster") => Scope::Cluster,
-            Some("host") => Scope::Host,
-            Some(other) => {
-                return Err(path.field("scope").error(format!(
-                    "expected \"policy\", \"cluster\" or \"host\", got \"{other}\""
-                )))
-            }
-        };
-
-        let window = match &spec.window {
-            None => DEFAULT_WINDOW,
-            Some(text) => parse_positive_duration(&path.field("window"), text)?,
-        };
-        let buckets = match spec.buckets {
-            None => DEFAULT_BUCKETS,
-            Some(n) => match u8::try_from(n) {
-                Ok(n @ 1..=MAX_BUCKETS) => n,
-                _ => {
-                    return Err(path
-                        .field("buckets")
-                        .error(format!("must be 1 to {MAX_BUCKETS}, got {n}")))
-                }
-            },
-        };
+        let mode = spec.mode.unwrap_or(Mode::Normal);
+        let scope = spec.scope.unwrap_or(Scope::Policy);
+        let window = spec.window.map_or(DEFAULT_WINDOW, |d| d.0);
+        let buckets = spec.buckets.map_or(DEFAULT_BUCKETS, |n| {
+            u8::try_from(n.get()).unwrap_or(u8::MAX)
+        });
         let bucket_width = window.div(u64::from(buckets));
         if bucket_width < MIN_BUCKET_WIDTH {
             return Err(path.field("buckets").error(format!(
@@ -400,17 +214,7 @@ impl BreakerPolicy {
             None => DEFAULT_FAILURE_RATE,
             Some(r) => Ratio::parse(&path.field("failure_rate"), r)?,
         };
-        let min_calls = match spec.min_calls {
-            None => DEFAULT_MIN_CALLS,
-            Some(n) => match u32::try_from(n) {
-                Ok(n) if n >= 1 => n,
-                _ => {
-                    return Err(path
-                        .field("min_calls")
-                        .error(format!("must be 1 to {}, got {n}", u32::MAX)))
-                }
-            },
-        };
+        let min_calls = spec.min_calls.map_or(DEFAULT_MIN_CALLS, |n| n.get_u32());
 
         let mut failure = match &spec.failure {
             None => FailurePolicy::default(),
@@ -420,10 +224,7 @@ impl BreakerPolicy {
             None => None,
             Some(slow) => {
                 let at = path.field("slow_call");
-                failure.slow_after = Some(parse_positive_duration(
-                    &at.field("duration"),
-                    &slow.duration,
-                )?);
+                failure.slow_after = Some(slow.duration.0);
                 Some(match slow.rate {
                     None => Ratio(1_000_000),
                     Some(r) => Ratio::parse(&at.field("rate"), r)?,
@@ -431,10 +232,7 @@ impl BreakerPolicy {
             }
         };
 
-        let open_for = match &spec.open_for {
-            None => DEFAULT_OPEN_FOR,
-            Some(text) => parse_positive_duration(&path.field("open_for"), text)?,
-        };
+        let open_for = spec.open_for.map_or(DEFAULT_OPEN_FOR, |d| d.0);
         let open_for_multiplier = match spec.open_for_multiplier {
             None => DEFAULT_MULTIPLIER,
             Some(m) if m.is_finite() && m >= 1.0 => m,
@@ -444,46 +242,35 @@ impl BreakerPolicy {
                     .error(format!("must be a number at least 1.0, got {m}")))
             }
         };
-        let max_open_for = match &spec.max_open_for {
+        let max_open_for = match spec.max_open_for {
             None => open_for.saturating_mul(DEFAULT_CAP_FACTOR),
-            Some(text) => {
-                let at = path.field("max_open_for");
-                let cap = parse_positive_duration(&at, text)?;
-                if cap < open_for {
-                    return Err(at.error(format!(
-                        "must be at least open_for ({open_for}), got \"{text}\""
-                    )));
-                }
-                cap
+            Some(cap) if cap.0 < open_for => {
+                return Err(path.field("max_open_for").error(format!(
+                    "must be at least open_for ({open_for}), got {}",
+                    cap.0
+                )));
             }
+            Some(cap) => cap.0,
         };
 
-        let half_open_probes = match spec.half_open_probes {
-            None => DEFAULT_PROBES,
-            Some(n @ 1..=MAX_PROBES) => n as u16,
-            Some(n) => {
-                return Err(path
-                    .field("half_open_probes")
-                    .error(format!("must be 1 to {MAX_PROBES}, got {n}")))
-            }
-        };
-        let max_instances = match spec.max_instances {
-            None => DEFAULT_MAX_INSTANCES,
-            Some(n @ 1..=LIMIT_MAX_INSTANCES) => n as u32,
-            Some(n) => {
-                return Err(path
-                    .field("max_instances")
-                    .error(format!("must be 1 to {LIMIT_MAX_INSTANCES}, got {n}")))
-            }
-        };
-        let probe_timeout = match &spec.probe_timeout {
-            None => Ord::max(open_for, DEFAULT_PROBE_TIMEOUT_FLOOR),
-            Some(text) => parse_positive_duration(&path.field("probe_timeout"), text)?,
-        };
+        let half_open_probes = spec
+            .half_open_probes
+            .map_or(DEFAULT_PROBES, |n| n.get_u16());
+        let max_instances = spec
+            .max_instances
+            .map_or(DEFAULT_MAX_INSTANCES, |n| n.get_u32());
+        let probe_timeout = spec
+            .probe_timeout
+            .map_or(Ord::max(open_for, DEFAULT_PROBE_TIMEOUT_FLOOR), |d| d.0);
 
         let open_reply = match &spec.open_reply {
-            None => OpenReply::default(),
-            Some(r) => OpenReply::from_spec(&path.field("open_reply"), r)?,
+            None => default_open_reply(),
+            Some(r) => LocalReply::from_spec(
+                &path.field("open_reply"),
+                r,
+                &default_open_reply(),
+                &RESERVED_HEADERS,
+            )?,
         };
         let fallback = match &spec.fallback {
             None => None,
@@ -491,8 +278,8 @@ impl BreakerPolicy {
         };
 
         Ok(BreakerPolicy {
-            name: spec.name.clone(),
-            routes,
+            name: spec.name.as_str().to_owned(),
+            routes: spec.routes.clone(),
             mode,
             scope,
             window,
@@ -512,21 +299,6 @@ impl BreakerPolicy {
             fallback,
         })
     }
-}
-
-fn validate_routes(path: &FieldPath, list: &[String]) -> Result<Vec<String>, ConfigError> {
-    if list.is_empty() {
-        return Err(path.error("must name at least one route (omit the field for every route)"));
-    }
-    for (i, route) in list.iter().enumerate() {
-        if route.is_empty() {
-            return Err(path.index(i).error("must not be empty"));
-        }
-        if list.iter().take(i).any(|r| r == route) {
-            return Err(path.index(i).error(format!("\"{route}\" is listed twice")));
-        }
-    }
-    Ok(list.to_vec())
 }
 
 fn validate_failure(path: &FieldPath, spec: &FailureSpec) -> Result<FailurePolicy, ConfigError> {
@@ -575,6 +347,14 @@ fn parse_status(
     Ok(())
 }
 
+impl Routed for BreakerPolicy {
+    /// The Envoy route names this policy guards; `None`: every route (the first policy that
+    /// guards a request's route is its breaker: [`crate::routes::first`]).
+    fn routes(&self) -> Option<&[String]> {
+        self.routes.as_ref().map(Routes::names)
+    }
+}
+
 /// Every validated breaker of the filter, in configuration order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Breakers {
@@ -582,44 +362,24 @@ pub struct Breakers {
 }
 
 impl Breakers {
-    /// The first policy (in configuration order) that guards `route`.
-    pub fn for_route(&self, route: &str) -> Option<&BreakerPolicy> {
-        self.policies.iter().find(|p| p.applies_to(route))
-    }
     /// Every policy, in configuration order.
     pub fn policies(&self) -> &[BreakerPolicy] {
         &self.policies
     }
 }
 
-impl TryFrom<&BreakersConfig> for Breakers {
-    type Error = ConfigError;
+impl Validate for Breakers {
+    type Wire = BreakersConfig;
 
-    fn try_from(config: &BreakersConfig) -> Result<Breakers, ConfigError> {
-        let path = FieldPath::root().field("breakers");
-        if config.breakers.is_empty() {
-            return Err(path.error("must list at least one breaker"));
-        }
-        check_names(
-            &path,
-            "name",
-            config.breakers.iter().map(|b| b.name.as_str()),
+    fn validate(config: &BreakersConfig) -> Result<Breakers, ConfigError> {
+        let policies = validate_each(
+            &FieldPath::root().field("breakers"),
+            "breaker",
+            &config.breakers,
+            |b| b.name.as_str(),
+            BreakerPolicy::from_spec,
         )?;
-        let policies = config
-            .breakers
-            .iter()
-            .enumerate()
-            .map(|(i, spec)| BreakerPolicy::from_spec(&path.index(i), spec))
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(Breakers { policies })
-    }
-}
-
-impl TryFrom<BreakersConfig> for Breakers {
-    type Error = ConfigError;
-
-    fn try_from(config: BreakersConfig) -> Result<Breakers, ConfigError> {
-        Breakers::try_from(&config)
     }
 }
 
@@ -641,13 +401,13 @@ mod tests {
     use super::*;
     use crate::breaker::outcome::{Outcome, Response};
     use crate::config::Selector;
+    use crate::routes::first;
     use alloc::string::ToString;
 
     const MINIMAL: &str = r#"{"breakers": [{"name": "orders", "window": "10s", "failure_rate": 0.5, "min_calls": 20, "open_for": "5s", "half_open_probes": 3}]}"#;
 
     fn parse(json: &str) -> Result<Breakers, ConfigError> {
-        let config: BreakersConfig = serde_json::from_str(json).unwrap();
-        Breakers::try_from(&config)
+        crate::config::load::<Breakers>(json.as_bytes())
     }
 
     /// The error for `{"breakers": [{"name": "orders", <field>}]}`.
@@ -661,7 +421,7 @@ mod tests {
     #[test]
     fn the_minimal_config_parses_with_the_documented_defaults() {
         let breakers = parse(MINIMAL).unwrap();
-        let p = breakers.for_route("any-route").unwrap();
+        let (_, p) = first(breakers.policies(), Some("any-route"), |p| p).unwrap();
         assert_eq!(p.name(), "orders");
         assert_eq!(p.window(), (Duration::from_secs(10), 10));
         assert_eq!(p.bucket_width, Duration::from_secs(1));
@@ -678,7 +438,7 @@ mod tests {
         assert_eq!(p.scope(), Scope::Policy);
         assert_eq!(p.slow_rate, None);
         assert_eq!(p.failure(), &FailurePolicy::default());
-        assert_eq!(p.open_reply_settings().status(), 503);
+        assert_eq!(p.open_reply_settings().status, 503);
         assert!(p.fallback().is_none());
         let z = Duration::ZERO;
         assert_eq!(
@@ -717,9 +477,9 @@ mod tests {
         }]}"#;
         let b = parse(json).unwrap();
         let p = &b.policies()[0];
-        assert!(p.applies_to("suggest"));
-        assert!(!p.applies_to("orders"));
-        assert!(b.for_route("orders").is_none());
+        assert!(p.applies_to(Some("suggest")));
+        assert!(!p.applies_to(Some("orders")));
+        assert!(first(b.policies(), Some("orders"), |p| p).is_none());
         assert_eq!(p.mode(), Mode::MetricsOnly);
         assert_eq!(p.scope(), Scope::Host);
         assert_eq!(p.bucket_width, Duration::from_secs(1));
@@ -745,7 +505,7 @@ mod tests {
         );
         assert_eq!(p.probe_timeout, Duration::from_secs(3));
         assert_eq!(p.max_instances(), 64);
-        assert_eq!(p.open_reply_settings().status(), 429);
+        assert_eq!(p.open_reply_settings().status, 429);
         let f = p.fallback().unwrap();
         assert_eq!(f.max_age(), Duration::from_secs(30));
         assert_eq!(f.key(), &Selector::Header("x-user".into()));
@@ -776,14 +536,14 @@ mod tests {
             ),
             (r#""window": "fast""#, "breakers[0].window", "\"fast\""),
             (r#""window": "0s""#, "breakers[0].window", "more than zero"),
-            (r#""buckets": 0"#, "breakers[0].buckets", "1 to 60"),
-            (r#""buckets": 61"#, "breakers[0].buckets", "1 to 60"),
+            (r#""buckets": 0"#, "breakers[0].buckets", "at least 1"),
+            (r#""buckets": 61"#, "breakers[0].buckets", "at most 60"),
             (
                 r#""window": "10ms", "buckets": 20"#,
                 "breakers[0].buckets",
                 "1ms",
             ),
-            (r#""min_calls": 0"#, "breakers[0].min_calls", "must be 1"),
+            (r#""min_calls": 0"#, "breakers[0].min_calls", "at least 1"),
             (r#""open_for": "soon""#, "breakers[0].open_for", "duration"),
             (
                 r#""open_for_multiplier": 0.5"#,
@@ -798,22 +558,22 @@ mod tests {
             (
                 r#""half_open_probes": 0"#,
                 "breakers[0].half_open_probes",
-                "1 to 1000",
+                "at least 1,",
             ),
             (
                 r#""half_open_probes": 1001"#,
                 "breakers[0].half_open_probes",
-                "1 to 1000",
+                "at most 1000",
             ),
             (
                 r#""max_instances": 0"#,
                 "breakers[0].max_instances",
-                "1 to 65536",
+                "at least 1,",
             ),
             (
                 r#""max_instances": 65537"#,
                 "breakers[0].max_instances",
-                "1 to 65536",
+                "at most 65536",
             ),
             (
                 r#""probe_timeout": "0ms""#,
@@ -852,7 +612,7 @@ mod tests {
             (
                 r#""open_reply": {"status": 99}"#,
                 "breakers[0].open_reply.status",
-                "200 to 599",
+                "at least 200",
             ),
             (
                 r#""open_reply": {"headers": {"bad name": "x"}}"#,
@@ -867,7 +627,7 @@ mod tests {
             (
                 r#""open_reply": {"headers": {"retry-after": "1"}}"#,
                 "breakers[0].open_reply.headers.retry-after",
-                "set by the breaker",
+                "set by the filter",
             ),
             (
                 r#""fallback": {"max_age": "never"}"#,
@@ -877,12 +637,12 @@ mod tests {
             (
                 r#""fallback": {"max_body_bytes": 0}"#,
                 "breakers[0].fallback.max_body_bytes",
-                "1 to",
+                "at least 1",
             ),
             (
                 r#""fallback": {"max_entries": 0}"#,
                 "breakers[0].fallback.max_entries",
-                "1 to",
+                "at least 1",
             ),
             (
                 r#""fallback": {"key": "body"}"#,
@@ -927,10 +687,7 @@ mod tests {
             r#"{"breakers": [{"name": "a", "min_calls": -1}]}"#,
             r#"{"breakers": [{"name": "a", "window": 10}]}"#,
         ] {
-            assert!(
-                serde_json::from_str::<BreakersConfig>(json).is_err(),
-                "{json}"
-            );
+            assert!(parse(json).is_err(), "{json}");
         }
     }
 

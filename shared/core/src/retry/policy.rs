@@ -1,11 +1,8 @@
-//! The retry filter's configuration: JSON in, validated [`RetryPolicy`] values out.
-//!
-//! Two stages, per the configuration contract: serde structs that mirror the JSON
-//! ([`RetryConfigSpec`], `deny_unknown_fields`), then validation into typed values. Every error
-//! names its field path: a type error or an unknown field found by serde is located by
-//! re-probing the JSON one member at a time (every spec field is optional, so a one-member
-//! document deserializes exactly when that member does), and validation builds its paths with
-//! [`FieldPath`].
+//! The retry policy: the validated [`RetryPolicy`] of one route set, and [`RetryConfig`], the
+//! filter's policies in order, read with [`crate::config::load`] from the wire structs in
+//! [`super::wire`]. Each field's own rule is checked while the JSON is read; what is checked here
+//! is what spans fields (`per_try_timeout` within `deadline`, `retry_on` against
+//! `retriable_statuses`) and policies (unique names, reachable policies).
 //!
 //! ```json
 //! {"policies": [{"name": "default", "cluster": "backend", "max_attempts": 3,
@@ -34,6 +31,7 @@
 //! | `idempotency_key_header` | `"idempotency-key"` | request header that makes any method retryable |
 //! | `respect_retry_after` | `true` | wait for `Retry-After` / `X-RateLimit-Reset` on 429 and 503 |
 //! | `max_retry_after` | `"300s"` | more than zero, at most 1 h; a longer ask gives up (Envoy's bound) |
+//! | `breaker` | none | a per-host breaker's name (the circuit-breaker filter, scope `host`, same `vm_id`): a retry never goes to a host whose breaker is not closed |
 //! | `first_attempt` | `"router"` | `router`: the first attempt goes through the host's router and only retries are callouts; `callout`: every attempt of an eligible request is a callout (for hosts that cannot replace a response they already hold) |
 //!
 //! Why these defaults: `deadline` 10 s bounds how long a client is held; `per_try_timeout` 2 s
@@ -45,18 +43,17 @@
 use alloc::borrow::ToOwned;
 use alloc::format;
 use alloc::string::{String, ToString};
-use alloc::vec;
 use alloc::vec::Vec;
 
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
-use serde_json::Value;
+use serde::Deserialize;
 
-use crate::config::{check_names, parse_duration, parse_positive_duration, ConfigError, FieldPath};
-use crate::retry::backoff::{Backoff, InvalidBackoff, Jitter};
+use super::wire::{BackoffSpec, BudgetSpec, PolicySpec, RetryConfigSpec};
+use crate::config::{validate_each, ConfigError, FieldPath, Routes, Validate};
+use crate::retry::backoff::{Backoff, InvalidBackoff};
 use crate::retry::budget::{InvalidBudget, RetryBudget};
-use crate::retry::condition::{RetryCondition, RetryOn, ALL_CONDITIONS, DEFAULT_RETRY_ON};
+use crate::retry::condition::{RetryCondition, RetryOn, DEFAULT_RETRY_ON};
 use crate::retry::eligibility::{Eligibility, IDEMPOTENCY_KEY_HEADER};
+use crate::routes::Routed;
 use crate::time::Duration;
 
 /// The most attempts a policy may make, first attempt included.
@@ -78,85 +75,9 @@ pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// The largest `max_retry_after`.
 pub const MAX_MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-/// The JSON document: `{"policies": [...]}`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RetryConfigSpec {
-    /// The retry policies, first match wins.
-    pub policies: Option<Vec<PolicySpec>>,
-}
-
-/// One policy as written. Every field is optional here; required ones are checked while
-/// validating, so the error names the field.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct PolicySpec {
-    /// The policy's name.
-    pub name: Option<String>,
-    /// The Envoy cluster retries go to; absent: the route's.
-    pub cluster: Option<String>,
-    /// Envoy route names; absent means all routes.
-    pub routes: Option<Vec<String>>,
-    /// Attempts, first included.
-    pub max_attempts: Option<u32>,
-    /// The backoff schedule.
-    pub backoff: Option<BackoffSpec>,
-    /// The retry budget.
-    pub budget: Option<BudgetSpec>,
-    /// Condition names.
-    pub retry_on: Option<Vec<String>>,
-    /// Statuses always retried.
-    pub retriable_statuses: Option<Vec<u16>>,
-    /// A duration string.
-    pub per_try_timeout: Option<String>,
-    /// A duration string.
-    pub deadline: Option<String>,
-    /// Bytes.
-    pub max_body: Option<u64>,
-    /// Absent: the default header; `null`: none; a string: that header.
-    #[serde(default, deserialize_with = "present")]
-    pub attempt_header: Option<Option<String>>,
-    /// A request header name.
-    pub idempotency_key_header: Option<String>,
-    /// Whether to wait for `Retry-After`.
-    pub respect_retry_after: Option<bool>,
-    /// A duration string.
-    pub max_retry_after: Option<String>,
-    /// `"router"` or `"callout"`.
-    pub first_attempt: Option<String>,
-}
-
-/// `backoff` as written.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct BackoffSpec {
-    /// A duration string.
-    pub base: Option<String>,
-    /// A duration string.
-    pub cap: Option<String>,
-    /// A jitter name.
-    pub jitter: Option<String>,
-}
-
-/// `budget` as written.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct BudgetSpec {
-    /// The share of requests retries may add.
-    pub ratio: Option<f64>,
-    /// Retries per second allowed whatever the traffic.
-    pub min_per_second: Option<u32>,
-    /// A duration string.
-    pub ttl: Option<String>,
-}
-
-/// Tells an explicit `null` (`Some(None)`) from an absent field (`None`).
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(d).map(Some)
-}
-
 /// How the first attempt of an eligible request is sent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FirstAttempt {
     /// Through the host's router, as any request: a request that succeeds costs no callout.
     /// When its response calls for a retry, the filter holds that response and later replaces
@@ -186,7 +107,7 @@ impl FirstAttempt {
 pub struct RetryPolicy {
     name: String,
     cluster: Option<String>,
-    routes: Option<Vec<String>>,
+    routes: Option<Routes>,
     max_attempts: u32,
     backoff: Backoff,
     budget: RetryBudget,
@@ -199,6 +120,7 @@ pub struct RetryPolicy {
     respect_retry_after: bool,
     max_retry_after: Duration,
     first_attempt: FirstAttempt,
+    breaker: Option<String>,
 }
 
 impl RetryPolicy {
@@ -210,19 +132,6 @@ impl RetryPolicy {
     /// to.
     pub fn cluster(&self) -> Option<&str> {
         self.cluster.as_deref()
-    }
-    /// The route names it applies to; `None` for all routes.
-    pub fn routes(&self) -> Option<&[String]> {
-        self.routes.as_deref()
-    }
-    /// Whether the policy applies to the route named `route` (`None`: the host gave no name,
-    /// and only a policy for all routes applies).
-    pub fn applies_to(&self, route: Option<&str>) -> bool {
-        match (&self.routes, route) {
-            (None, _) => true,
-            (Some(routes), Some(route)) => routes.iter().any(|r| r == route),
-            (Some(_), None) => false,
-        }
     }
     /// Attempts, the first included: 1 to [`MAX_ATTEMPTS`].
     pub fn max_attempts(&self) -> u32 {
@@ -256,6 +165,11 @@ impl RetryPolicy {
     pub fn max_body(&self) -> u64 {
         self.max_body
     }
+    /// The per-host breaker (scope `host`, same `vm_id`) whose open hosts a retry never goes
+    /// to, if configured.
+    pub fn breaker(&self) -> Option<&str> {
+        self.breaker.as_deref()
+    }
     /// The response header carrying the attempt count, if any (lower case).
     pub fn attempt_header(&self) -> Option<&str> {
         self.attempt_header.as_deref()
@@ -288,12 +202,6 @@ impl RetryPolicy {
 
     /// Validates the policy written at `path`.
     pub fn from_spec(path: &FieldPath, spec: &PolicySpec) -> Result<RetryPolicy, ConfigError> {
-        let name = required(
-            path,
-            "name",
-            &spec.name,
-            "a name for metrics and shared data",
-        )?;
         let cluster = match &spec.cluster {
             Some(cluster) if cluster.trim().is_empty() => {
                 return Err(path.field("cluster").error(
@@ -302,21 +210,9 @@ impl RetryPolicy {
             }
             cluster => cluster.clone(),
         };
-        let routes = spec
-            .routes
-            .as_ref()
-            .map(|routes| validate_routes(&path.field("routes"), routes))
-            .transpose()?;
-
-        let max_attempts = spec.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
-        let at = path.field("max_attempts");
-        if max_attempts == 0 {
-            return Err(at.error("at least 1 (1 means no retries), got 0"));
-        }
-        if max_attempts > MAX_ATTEMPTS {
-            return Err(at.error(format!("at most {MAX_ATTEMPTS}, got {max_attempts}")));
-        }
-
+        let max_attempts = spec
+            .max_attempts
+            .map_or(DEFAULT_MAX_ATTEMPTS, |n| n.get_u32());
         let backoff = validate_backoff(
             &path.field("backoff"),
             spec.backoff.as_ref().unwrap_or(&BackoffSpec::default()),
@@ -326,70 +222,46 @@ impl RetryPolicy {
             spec.budget.as_ref().unwrap_or(&BudgetSpec::default()),
         )?;
 
-        let deadline = match &spec.deadline {
-            Some(text) => parse_positive_duration(&path.field("deadline"), text)?,
-            None => DEFAULT_DEADLINE,
-        };
-        let per_try_timeout = match &spec.per_try_timeout {
-            Some(text) => {
-                let at = path.field("per_try_timeout");
-                let timeout = parse_positive_duration(&at, text)?;
-                if timeout > deadline {
-                    return Err(at.error(format!(
-                        "must be at most the deadline ({deadline}), got \"{text}\""
-                    )));
-                }
-                timeout
+        let deadline = spec.deadline.map_or(DEFAULT_DEADLINE, |d| d.0);
+        let per_try_timeout = match spec.per_try_timeout {
+            Some(timeout) if timeout.0 > deadline => {
+                return Err(path.field("per_try_timeout").error(format!(
+                    "must be at most the deadline ({deadline}), got {}",
+                    timeout.0
+                )));
             }
+            Some(timeout) => timeout.0,
             None => DEFAULT_PER_TRY_TIMEOUT.min(deadline),
         };
-
-        let max_body = spec.max_body.unwrap_or(DEFAULT_MAX_BODY);
-        if max_body > MAX_MAX_BODY {
-            return Err(path.field("max_body").error(format!(
-                "at most {MAX_MAX_BODY} bytes (16 MiB, held in memory for retries), got {max_body}"
-            )));
-        }
+        let max_body = spec.max_body.map_or(DEFAULT_MAX_BODY, |n| n.get());
 
         let attempt_header = match &spec.attempt_header {
             None => Some(DEFAULT_ATTEMPT_HEADER.to_owned()),
             Some(None) => None,
-            Some(Some(name)) => Some(header_name(&path.field("attempt_header"), name)?),
+            Some(Some(name)) => Some(name.as_str().to_owned()),
         };
-        let idempotency_key_header = match &spec.idempotency_key_header {
-            None => IDEMPOTENCY_KEY_HEADER.to_owned(),
-            Some(name) => header_name(&path.field("idempotency_key_header"), name)?,
-        };
+        let idempotency_key_header = spec
+            .idempotency_key_header
+            .as_ref()
+            .map_or(IDEMPOTENCY_KEY_HEADER, |h| h.as_str())
+            .to_owned();
 
         let respect_retry_after = spec.respect_retry_after.unwrap_or(true);
-        let max_retry_after = match &spec.max_retry_after {
-            Some(text) => {
-                let at = path.field("max_retry_after");
-                let max = parse_positive_duration(&at, text)?;
-                if max > MAX_MAX_RETRY_AFTER {
-                    return Err(at.error(format!("at most {MAX_MAX_RETRY_AFTER}, got \"{text}\"")));
-                }
-                max
+        let max_retry_after = match spec.max_retry_after {
+            Some(max) if max.0 > MAX_MAX_RETRY_AFTER => {
+                return Err(path
+                    .field("max_retry_after")
+                    .error(format!("at most {MAX_MAX_RETRY_AFTER}, got {}", max.0)));
             }
+            Some(max) => max.0,
             None => DEFAULT_MAX_RETRY_AFTER,
         };
-
         let retry_on = validate_retry_on(path, spec, respect_retry_after)?;
 
-        let first_attempt = match spec.first_attempt.as_deref() {
-            None | Some("router") => FirstAttempt::Router,
-            Some("callout") => FirstAttempt::Callout,
-            Some(other) => {
-                return Err(path.field("first_attempt").error(format!(
-                    "expected \"router\" or \"callout\", got \"{other}\""
-                )))
-            }
-        };
-
         Ok(RetryPolicy {
-            name,
+            name: spec.name.as_str().to_owned(),
             cluster,
-            routes,
+            routes: spec.routes.clone(),
             max_attempts,
             backoff,
             budget,
@@ -401,56 +273,17 @@ impl RetryPolicy {
             idempotency_key_header,
             respect_retry_after,
             max_retry_after,
-            first_attempt,
+            first_attempt: spec.first_attempt.unwrap_or_default(),
+            breaker: spec.breaker.as_ref().map(|b| b.as_str().to_owned()),
         })
     }
 }
 
-fn required(
-    path: &FieldPath,
-    field: &str,
-    value: &Option<String>,
-    what: &str,
-) -> Result<String, ConfigError> {
-    match value {
-        Some(v) if !v.trim().is_empty() => Ok(v.clone()),
-        Some(_) => Err(path
-            .field(field)
-            .error(format!("must not be empty ({what})"))),
-        None => Err(path.field(field).error(format!("required ({what})"))),
-    }
-}
-
-fn validate_routes(path: &FieldPath, routes: &[String]) -> Result<Vec<String>, ConfigError> {
-    if routes.is_empty() {
-        return Err(path.error("an empty list matches no route; omit \"routes\" to match all"));
-    }
-    for (i, route) in routes.iter().enumerate() {
-        if route.is_empty() {
-            return Err(path.index(i).error("must not be empty"));
-        }
-    }
-    Ok(routes.to_vec())
-}
-
 fn validate_backoff(path: &FieldPath, spec: &BackoffSpec) -> Result<Backoff, ConfigError> {
-    let base = match &spec.base {
-        Some(text) => parse_positive_duration(&path.field("base"), text)?,
-        None => Backoff::default().base(),
-    };
-    let cap = match &spec.cap {
-        Some(text) => parse_duration(&path.field("cap"), text)?,
-        // Envoy's rule: ten times the base.
-        None => base.saturating_mul(10),
-    };
-    let jitter = match &spec.jitter {
-        Some(name) => Jitter::from_name(name).ok_or_else(|| {
-            path.field("jitter").error(format!(
-                "expected \"full\", \"equal\", \"decorrelated\" or \"none\", got \"{name}\""
-            ))
-        })?,
-        None => Jitter::default(),
-    };
+    let base = spec.base.map_or(Backoff::default().base(), |d| d.0);
+    // Envoy's rule for an absent cap: ten times the base.
+    let cap = spec.cap.map_or(base.saturating_mul(10), |d| d.0);
+    let jitter = spec.jitter.unwrap_or_default();
     Backoff::new(base, cap, jitter).map_err(|e| match e {
         InvalidBackoff::ZeroBase => path.field("base").error(e.to_string()),
         InvalidBackoff::CapBelowBase => path
@@ -463,10 +296,7 @@ fn validate_budget(path: &FieldPath, spec: &BudgetSpec) -> Result<RetryBudget, C
     let defaults = RetryBudget::default();
     let ratio = spec.ratio.unwrap_or(defaults.ratio());
     let min_per_second = spec.min_per_second.unwrap_or(defaults.min_per_second());
-    let ttl = match &spec.ttl {
-        Some(text) => parse_duration(&path.field("ttl"), text)?,
-        None => defaults.ttl(),
-    };
+    let ttl = spec.ttl.map_or(defaults.ttl(), |d| d.0);
     RetryBudget::new(ratio, min_per_second, ttl).map_err(|e| match e {
         InvalidBudget::Ratio => path.field("ratio").error(format!("{e}, got {ratio}")),
         InvalidBudget::MinPerSecond => path
@@ -481,31 +311,17 @@ fn validate_retry_on(
     spec: &PolicySpec,
     respect_retry_after: bool,
 ) -> Result<RetryOn, ConfigError> {
-    let statuses = spec.retriable_statuses.clone().unwrap_or_default();
-    for (i, status) in statuses.iter().enumerate() {
-        if !(400..=599).contains(status) {
-            return Err(path
-                .field("retriable_statuses")
-                .index(i)
-                .error(format!("must be a 4xx or 5xx status, got {status}")));
-        }
-    }
-    let Some(names) = &spec.retry_on else {
+    let statuses: Vec<u16> = spec
+        .retriable_statuses
+        .iter()
+        .flatten()
+        .map(|s| s.get_u16())
+        .collect();
+    let Some(conditions) = &spec.retry_on else {
         return Ok(RetryOn::new(&DEFAULT_RETRY_ON, statuses));
     };
     let at = path.field("retry_on");
-    let mut conditions = Vec::with_capacity(names.len());
-    for (i, name) in names.iter().enumerate() {
-        let condition = RetryCondition::from_name(name).ok_or_else(|| {
-            let known: Vec<String> = ALL_CONDITIONS
-                .iter()
-                .map(|c| format!("\"{}\"", c.name()))
-                .collect();
-            at.index(i).error(format!(
-                "unknown condition \"{name}\", expected one of {}",
-                known.join(", ")
-            ))
-        })?;
+    for (i, condition) in conditions.iter().enumerate() {
         match condition {
             RetryCondition::RetriableStatusCodes if statuses.is_empty() => {
                 return Err(at
@@ -517,7 +333,7 @@ fn validate_retry_on(
                     "\"rate-limited\" waits for Retry-After: it needs \"respect_retry_after\": true",
                 ));
             }
-            _ => conditions.push(condition),
+            _ => {}
         }
     }
     if conditions.is_empty() && statuses.is_empty() {
@@ -525,18 +341,7 @@ fn validate_retry_on(
             "an empty list never retries; omit it for the default [\"5xx\", \"reset\", \"connect-failure\"]",
         ));
     }
-    Ok(RetryOn::new(&conditions, statuses))
-}
-
-/// A request or response header name: an RFC 9110 token, stored in lower case.
-fn header_name(path: &FieldPath, name: &str) -> Result<String, ConfigError> {
-    let is_tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if name.is_empty() || !name.bytes().all(is_tchar) {
-        return Err(path.error(format!(
-            "expected a header name such as \"x-keel-attempts\", got \"{name}\""
-        )));
-    }
-    Ok(name.to_ascii_lowercase())
+    Ok(RetryOn::new(conditions, statuses))
 }
 
 /// The validated configuration: the policies in order.
@@ -546,28 +351,16 @@ pub struct RetryConfig {
 }
 
 impl RetryConfig {
-    /// Parses and validates the filter's JSON configuration.
-    pub fn from_json(text: &str) -> Result<RetryConfig, ConfigError> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| ConfigError::new("", format!("not valid JSON: {e}")))?;
-        refuse_arrays_for_objects(&value)?;
-        let spec: RetryConfigSpec = deserialize_located(&value)?;
-        RetryConfig::from_spec(&spec)
-    }
-
     /// Validates a parsed document.
     pub fn from_spec(spec: &RetryConfigSpec) -> Result<RetryConfig, ConfigError> {
         let path = FieldPath::root().field("policies");
-        let specs = match &spec.policies {
-            Some(specs) if !specs.is_empty() => specs,
-            _ => return Err(path.error("required: at least one retry policy")),
-        };
-        let policies = specs
-            .iter()
-            .enumerate()
-            .map(|(i, p)| RetryPolicy::from_spec(&path.index(i), p))
-            .collect::<Result<Vec<_>, _>>()?;
-        check_names(&path, "name", policies.iter().map(|p| p.name()))?;
+        let policies = validate_each(
+            &path,
+            "retry policy",
+            spec.policies.as_deref().unwrap_or_default(),
+            |p| p.name.as_str(),
+            RetryPolicy::from_spec,
+        )?;
         check_reachable(&path, &policies)?;
         Ok(RetryConfig { policies })
     }
@@ -576,10 +369,13 @@ impl RetryConfig {
     pub fn policies(&self) -> &[RetryPolicy] {
         &self.policies
     }
+}
 
-    /// The first policy that applies to the route named `route`.
-    pub fn policy_for_route(&self, route: Option<&str>) -> Option<&RetryPolicy> {
-        self.policies.iter().find(|p| p.applies_to(route))
+impl Routed for RetryPolicy {
+    /// The route names it applies to; `None` for all routes (the first policy that applies to
+    /// a request's route is its policy: [`crate::routes::first`]).
+    fn routes(&self) -> Option<&[String]> {
+        self.routes.as_ref().map(Routes::names)
     }
 }
 
@@ -594,7 +390,7 @@ fn check_reachable(path: &FieldPath, policies: &[RetryPolicy]) -> Result<(), Con
                 earlier.get(j).map_or("", |p| p.name())
             )));
         }
-        for (k, route) in policy.routes.iter().flatten().enumerate() {
+        for (k, route) in policy.routes().into_iter().flatten().enumerate() {
             if let Some(j) = earlier.iter().position(|p| p.applies_to(Some(route))) {
                 return Err(path.index(i).field("routes").index(k).error(format!(
                     "route \"{route}\" is already taken by policies[{j}]; the first match wins"
@@ -605,97 +401,11 @@ fn check_reachable(path: &FieldPath, policies: &[RetryPolicy]) -> Result<(), Con
     Ok(())
 }
 
-/// serde's derived structs also accept a JSON array, read by position (`"backoff": ["25ms",
-/// "250ms"]` would pass as base and cap). Nobody means that: refuse an array wherever the
-/// document has an object.
-fn refuse_arrays_for_objects(value: &Value) -> Result<(), ConfigError> {
-    let refuse = |path: &FieldPath| Err(path.error("expected an object {...}, got an array"));
-    let root = FieldPath::root();
-    if value.is_array() {
-        return refuse(&root);
+impl Validate for RetryConfig {
+    type Wire = RetryConfigSpec;
+    fn validate(wire: &RetryConfigSpec) -> Result<RetryConfig, ConfigError> {
+        RetryConfig::from_spec(wire)
     }
-    let policies = value.get("policies").and_then(Value::as_array);
-    for (i, policy) in policies.into_iter().flatten().enumerate() {
-        let at = root.field("policies").index(i);
-        if policy.is_array() {
-            return refuse(&at);
-        }
-        for field in ["backoff", "budget"] {
-            if policy.get(field).is_some_and(Value::is_array) {
-                return refuse(&at.field(field));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Deserializes `T` from `value`; on failure the error names the deepest member at fault.
-fn deserialize_located<T: DeserializeOwned>(value: &Value) -> Result<T, ConfigError> {
-    match serde_json::from_value::<T>(value.clone()) {
-        Ok(t) => Ok(t),
-        Err(e) => Err(locate::<T>(value, e.to_string())),
-    }
-}
-
-/// One step of a path into a JSON document.
-enum Step<'a> {
-    Key(&'a str),
-    Index(usize),
-}
-
-/// Walks down from the root of `value` to the member that makes `T` fail: at each level, the
-/// first member that fails in a document holding it alone (every spec field being optional,
-/// the rest of the document does not matter). Stops where no single member fails, which is
-/// where the fault is.
-fn locate<T: DeserializeOwned>(value: &Value, root_message: String) -> ConfigError {
-    let mut steps: Vec<Step<'_>> = Vec::new();
-    let mut here = value;
-    let mut message = root_message;
-    loop {
-        let fails = |step: &Step<'_>, member: &Value| {
-            serde_json::from_value::<T>(wrap(&steps, step, member)).err()
-        };
-        let failing = match here {
-            Value::Object(map) => map
-                .iter()
-                .find_map(|(k, v)| fails(&Step::Key(k), v).map(|e| (Step::Key(k.as_str()), v, e))),
-            Value::Array(items) => items
-                .iter()
-                .enumerate()
-                .find_map(|(i, v)| fails(&Step::Index(i), v).map(|e| (Step::Index(i), v, e))),
-            _ => None,
-        };
-        let Some((step, member, error)) = failing else {
-            break;
-        };
-        steps.push(step);
-        here = member;
-        message = error.to_string();
-    }
-    let mut path = FieldPath::root();
-    for step in &steps {
-        path = match step {
-            Step::Key(k) => path.field(k),
-            Step::Index(i) => path.index(*i),
-        };
-    }
-    path.error(message)
-}
-
-/// The smallest document with `member` at `steps` + `last`: one key per object, one item per
-/// array.
-fn wrap(steps: &[Step<'_>], last: &Step<'_>, member: &Value) -> Value {
-    steps.iter().chain(core::iter::once(last)).rev().fold(
-        member.clone(),
-        |inner, step| match step {
-            Step::Key(k) => {
-                let mut map = serde_json::Map::new();
-                map.insert((*k).to_owned(), inner);
-                Value::Object(map)
-            }
-            Step::Index(_) => Value::Array(vec![inner]),
-        },
-    )
 }
 
 #[cfg(test)]
@@ -704,14 +414,21 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
+    use crate::retry::backoff::Jitter;
     use crate::retry::condition::RetryCondition as C;
+    use alloc::vec;
+
+    /// The production entry point.
+    fn from_json(json: &str) -> Result<RetryConfig, ConfigError> {
+        crate::config::load(json.as_bytes())
+    }
 
     const MINIMAL: &str = r#"{"policies": [{"name": "default", "cluster": "backend", "max_attempts": 3, "backoff": {"base": "25ms", "cap": "250ms", "jitter": "full"}, "budget": {"ratio": 0.2, "min_per_second": 10, "ttl": "10s"}}]}"#;
 
     /// The error for a policy `{"name": "p", "cluster": "c", <extra>}`.
     fn policy_error(extra: &str) -> ConfigError {
         let json = format!(r#"{{"policies": [{{"name": "p", "cluster": "c", {extra}}}]}}"#);
-        RetryConfig::from_json(&json).unwrap_err()
+        from_json(&json).unwrap_err()
     }
 
     fn assert_refused(extra: &str, path: &str, words: &str) {
@@ -722,7 +439,7 @@ mod tests {
 
     #[test]
     fn the_minimal_config_parses_with_the_documented_defaults() {
-        let config = RetryConfig::from_json(MINIMAL).unwrap();
+        let config = from_json(MINIMAL).unwrap();
         let [p] = config.policies() else {
             panic!("one policy")
         };
@@ -754,15 +471,29 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_can_name_the_per_host_breaker_it_routes_around() {
+        let json = r#"{"policies": [{"name": "p", "breaker": "users-host"}]}"#;
+        let config = from_json(json).unwrap();
+        assert_eq!(config.policies()[0].breaker(), Some("users-host"));
+        assert_eq!(from_json(MINIMAL).unwrap().policies()[0].breaker(), None);
+        assert_refused(
+            r#""breaker": "a/b""#,
+            "policies[0].breaker",
+            "ASCII letters",
+        );
+        assert_refused(r#""breaker": """#, "policies[0].breaker", "1 to 64");
+    }
+
+    #[test]
     fn without_a_cluster_retries_go_to_the_routes_cluster() {
-        let config = RetryConfig::from_json(r#"{"policies": [{"name": "p"}]}"#).unwrap();
+        let config = from_json(r#"{"policies": [{"name": "p"}]}"#).unwrap();
         assert_eq!(config.policies()[0].cluster(), None);
     }
 
     #[test]
     fn the_first_attempt_can_be_a_callout() {
         let json = r#"{"policies": [{"name": "p", "first_attempt": "callout"}]}"#;
-        let config = RetryConfig::from_json(json).unwrap();
+        let config = from_json(json).unwrap();
         assert_eq!(config.policies()[0].first_attempt(), FirstAttempt::Callout);
         assert_eq!(FirstAttempt::Callout.name(), "callout");
         assert_eq!(FirstAttempt::Router.name(), "router");
@@ -776,9 +507,8 @@ mod tests {
     #[test]
     fn name_and_cluster_alone_take_every_default() {
         let bare =
-            RetryConfig::from_json(r#"{"policies": [{"name": "default", "cluster": "backend"}]}"#)
-                .unwrap();
-        assert_eq!(bare, RetryConfig::from_json(MINIMAL).unwrap());
+            from_json(r#"{"policies": [{"name": "default", "cluster": "backend"}]}"#).unwrap();
+        assert_eq!(bare, from_json(MINIMAL).unwrap());
     }
 
     #[test]
@@ -792,7 +522,7 @@ mod tests {
             "max_body": 0, "attempt_header": "X-Attempts",
             "idempotency_key_header": "X-Request-Key", "respect_retry_after": true,
             "max_retry_after": "30s"}]}"#;
-        let config = RetryConfig::from_json(json).unwrap();
+        let config = from_json(json).unwrap();
         let p = &config.policies()[0];
         assert_eq!(
             p.routes(),
@@ -822,14 +552,14 @@ mod tests {
     #[test]
     fn null_disables_the_attempt_header() {
         let json = r#"{"policies": [{"name": "p", "cluster": "c", "attempt_header": null}]}"#;
-        let config = RetryConfig::from_json(json).unwrap();
+        let config = from_json(json).unwrap();
         assert_eq!(config.policies()[0].attempt_header(), None);
     }
 
     #[test]
     fn a_short_deadline_lowers_the_default_per_try_timeout() {
         let json = r#"{"policies": [{"name": "p", "cluster": "c", "deadline": "500ms"}]}"#;
-        let config = RetryConfig::from_json(json).unwrap();
+        let config = from_json(json).unwrap();
         assert_eq!(
             config.policies()[0].per_try_timeout(),
             Duration::from_millis(500)
@@ -903,7 +633,7 @@ mod tests {
             (
                 r#""retry_on": ["5xx", "500"]"#,
                 "policies[0].retry_on[1]",
-                "unknown condition \"500\"",
+                "got \"500\"",
             ),
             (r#""retry_on": []"#, "policies[0].retry_on", "never retries"),
             (
@@ -924,7 +654,7 @@ mod tests {
             (
                 r#""retriable_statuses": [70000]"#,
                 "policies[0].retriable_statuses[0]",
-                "u16",
+                "got 70000",
             ),
             (
                 r#""per_try_timeout": "0s""#,
@@ -991,7 +721,7 @@ mod tests {
             "policies[0].budget.percent",
             "unknown field",
         );
-        let e = RetryConfig::from_json(r#"{"policies": [], "polices": []}"#).unwrap_err();
+        let e = from_json(r#"{"policies": [], "polices": []}"#).unwrap_err();
         assert_eq!(e.path, "polices");
     }
 
@@ -1000,7 +730,7 @@ mod tests {
         assert_refused(
             r#""max_attempts": "3""#,
             "policies[0].max_attempts",
-            "expected u32",
+            "invalid type",
         );
         assert_refused(
             r#""backoff": "fast""#,
@@ -1025,41 +755,30 @@ mod tests {
         // The second policy's fault is reported at index 1.
         let json = r#"{"policies": [{"name": "a", "cluster": "c", "routes": ["x"]},
             {"name": "b", "cluster": "c", "deadline": 10}]}"#;
-        assert_eq!(
-            RetryConfig::from_json(json).unwrap_err().path,
-            "policies[1].deadline"
-        );
+        assert_eq!(from_json(json).unwrap_err().path, "policies[1].deadline");
     }
 
     #[test]
     fn required_fields_and_documents() {
-        let e = RetryConfig::from_json(r#"{"policies": [{"cluster": "c"}]}"#).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "policies[0].name: required (a name for metrics and shared data)"
-        );
-        let e =
-            RetryConfig::from_json(r#"{"policies": [{"name": "p", "cluster": " "}]}"#).unwrap_err();
+        let e = from_json(r#"{"policies": [{"cluster": "c"}]}"#).unwrap_err();
+        assert_eq!(e.to_string(), "policies[0].name: required");
+        let e = from_json(r#"{"policies": [{"name": "p", "cluster": " "}]}"#).unwrap_err();
         assert_eq!(e.path, "policies[0].cluster");
         assert!(e.message.contains("omit it for the route's cluster"), "{e}");
         for json in ["{}", r#"{"policies": []}"#, r#"{"policies": null}"#] {
-            assert_eq!(
-                RetryConfig::from_json(json).unwrap_err().path,
-                "policies",
-                "{json}"
-            );
+            assert_eq!(from_json(json).unwrap_err().path, "policies", "{json}");
         }
-        let e = RetryConfig::from_json("{\"policies\": [").unwrap_err();
+        let e = from_json("{\"policies\": [").unwrap_err();
         assert!(
             e.path.is_empty() && e.message.starts_with("not valid JSON"),
             "{e}"
         );
-        let e = RetryConfig::from_json("7").unwrap_err();
+        let e = from_json("7").unwrap_err();
         assert!(
             e.path.is_empty() && e.message.contains("invalid type"),
             "{e}"
         );
-        let e = RetryConfig::from_json(r#"{"policies": [7]}"#).unwrap_err();
+        let e = from_json(r#"{"policies": [7]}"#).unwrap_err();
         assert_eq!(e.path, "policies[0]");
     }
 
@@ -1077,7 +796,7 @@ mod tests {
                 "policies[0].budget",
             ),
         ] {
-            let e = RetryConfig::from_json(json).unwrap_err();
+            let e = from_json(json).unwrap_err();
             assert_eq!(e.path, path, "{json}");
             assert!(e.message.contains("got an array"), "{json}: {e}");
         }
@@ -1085,21 +804,20 @@ mod tests {
 
     #[test]
     fn names_and_routes_must_not_collide() {
-        let e = RetryConfig::from_json(
+        let e = from_json(
             r#"{"policies": [{"name": "a", "cluster": "c", "routes": ["x"]}, {"name": "a", "cluster": "c"}]}"#,
         )
         .unwrap_err();
         assert_eq!(e.path, "policies[1].name");
-        let e = RetryConfig::from_json(r#"{"policies": [{"name": "a/b", "cluster": "c"}]}"#)
-            .unwrap_err();
+        let e = from_json(r#"{"policies": [{"name": "a/b", "cluster": "c"}]}"#).unwrap_err();
         assert_eq!(e.path, "policies[0].name");
-        let e = RetryConfig::from_json(
+        let e = from_json(
             r#"{"policies": [{"name": "all", "cluster": "c"}, {"name": "b", "cluster": "c", "routes": ["x"]}]}"#,
         )
         .unwrap_err();
         assert_eq!(e.path, "policies[1]");
         assert!(e.message.contains("policies[0] (\"all\")"), "{e}");
-        let e = RetryConfig::from_json(
+        let e = from_json(
             r#"{"policies": [{"name": "a", "cluster": "c", "routes": ["x", "y"]}, {"name": "b", "cluster": "c", "routes": ["z", "y"]}]}"#,
         )
         .unwrap_err();
@@ -1108,19 +826,20 @@ mod tests {
 
     #[test]
     fn the_first_matching_policy_wins() {
-        let config = RetryConfig::from_json(
+        let config = from_json(
             r#"{"policies": [{"name": "orders", "cluster": "c", "routes": ["orders"]},
                 {"name": "rest", "cluster": "c"}]}"#,
         )
         .unwrap();
-        let name = |route| config.policy_for_route(route).map(RetryPolicy::name);
+        let name =
+            |route| crate::routes::first(config.policies(), route, |p| p).map(|(_, p)| p.name());
         assert_eq!(name(Some("orders")), Some("orders"));
         assert_eq!(name(Some("search")), Some("rest"));
         assert_eq!(name(None), Some("rest"));
-        let only_orders = RetryConfig::from_json(
+        let only_orders = from_json(
             r#"{"policies": [{"name": "orders", "cluster": "c", "routes": ["orders"]}]}"#,
         )
         .unwrap();
-        assert!(only_orders.policy_for_route(Some("search")).is_none());
+        assert!(crate::routes::first(only_orders.policies(), Some("search"), |p| p).is_none());
     }
 }
