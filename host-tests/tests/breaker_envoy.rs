@@ -52,7 +52,7 @@ fn the_minimal_config_opens_at_min_calls_sheds_everything_probes_then_closes() {
     );
     assert!(envoy
         .log()
-        .contains("keel circuit-breaker: configured breakers: orders"));
+        .contains("keel circuit_breaker: configured breakers: orders"));
 
     // min_calls failures, one after the other, all reach the upstream; the 20th opens it.
     for i in 0..20 {
@@ -63,7 +63,7 @@ fn the_minimal_config_opens_at_min_calls_sheds_everything_probes_then_closes() {
     assert_eq!(upstream.total(), 20);
     envoy
         .wait_for_log(
-            "keel circuit-breaker: breaker orders: closed -> open: 20 of 20 calls failed; open for 5s",
+            "keel circuit_breaker: breaker orders: closed -> open: 20 of 20 calls failed; open for 5s",
             Duration::from_secs(2),
         )
         .unwrap();
@@ -109,7 +109,7 @@ fn the_minimal_config_opens_at_min_calls_sheds_everything_probes_then_closes() {
     assert_eq!(stat(&envoy, "orders.probes"), 3);
     envoy
         .wait_for_log(
-            "keel circuit-breaker: breaker orders: half_open -> closed: 0 of 3 probes failed, 0 slow",
+            "keel circuit_breaker: breaker orders: half_open -> closed: 0 of 3 probes failed, 0 slow",
             Duration::from_secs(2),
         )
         .unwrap();
@@ -165,7 +165,7 @@ fn per_host_scope_one_failing_host_of_three_opens_only_its_breaker() {
     let port = hosts[0].port();
     envoy
         .wait_for_log(
-            &format!("keel circuit-breaker: breaker per-host (host 127.0.0.1:{port}): closed -> open: 5 of 5 calls failed; open for 30s"),
+            &format!("keel circuit_breaker: breaker per-host (host 127.0.0.1:{port}): closed -> open: 5 of 5 calls failed; open for 30s"),
             Duration::from_secs(2),
         )
         .unwrap();
@@ -231,7 +231,7 @@ fn envoy_answers_for_a_closed_connection_count_as_resets() {
     assert_eq!(stat(&envoy, "catalog.failures"), 5);
     envoy
         .wait_for_log(
-            "keel circuit-breaker: breaker catalog: closed -> open: 5 of 5 calls failed; open for 30s",
+            "keel circuit_breaker: breaker catalog: closed -> open: 5 of 5 calls failed; open for 30s",
             Duration::from_secs(2),
         )
         .unwrap();
@@ -273,7 +273,7 @@ fn a_probe_whose_client_leaves_gives_its_permit_back() {
     assert!(probe.is_some(), "a new probe was admitted");
     envoy
         .wait_for_log(
-            "keel circuit-breaker: breaker orders: half_open -> closed: 0 of 1 probes failed, 0 slow",
+            "keel circuit_breaker: breaker orders: half_open -> closed: 0 of 1 probes failed, 0 slow",
             Duration::from_secs(2),
         )
         .unwrap();
@@ -310,7 +310,7 @@ fn a_bad_configuration_makes_envoy_refuse_the_filter_with_our_message() {
         .start_expect_failure()
         .unwrap();
     assert!(
-        log.contains("keel circuit-breaker: breakers[0].failure_rate: must be in (0, 1], got 1.5; configuration refused"),
+        log.contains("keel circuit_breaker: breakers[0].failure_rate: must be in (0, 1], got 1.5; configuration refused"),
         "{log}"
     );
 }

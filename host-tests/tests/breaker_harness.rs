@@ -82,7 +82,7 @@ fn two_workers_share_one_breaker_that_opens_at_min_calls() {
         eprintln!("module: {module:?}");
         let host = Host::new();
         let vms = workers_in(&host, module, MINIMAL, 2);
-        assert!(vms[0].has_log("keel circuit-breaker: configured breakers: orders"));
+        assert!(vms[0].has_log("keel circuit_breaker: configured breakers: orders"));
         // 10 failures and 9 successes: 53 % failed, but fewer than min_calls outcomes.
         for i in 0..19 {
             let status = if i % 2 == 0 { 500 } else { 200 };
@@ -92,7 +92,7 @@ fn two_workers_share_one_breaker_that_opens_at_min_calls() {
         // The 20th outcome, on the other worker, reaches min_calls: 11 of 20 failed.
         assert!(call(&vms[1], 503));
         let line =
-            "keel circuit-breaker: breaker orders: closed -> open: 11 of 20 calls failed; open for 5s";
+            "keel circuit_breaker: breaker orders: closed -> open: 11 of 20 calls failed; open for 5s";
         assert_eq!(logged(&vms, line), 1, "one log line per transition");
         assert!(vms.iter().any(|vm| vm
             .logs_at_least(LogLevel::Warn)
@@ -153,7 +153,7 @@ fn half_open_admits_exactly_the_probes_across_both_workers_then_closes() {
         assert_eq!(
             logged(
                 &vms,
-                "keel circuit-breaker: breaker orders: open -> half_open: open period ended"
+                "keel circuit_breaker: breaker orders: open -> half_open: open period ended"
             ),
             1
         );
@@ -171,7 +171,7 @@ fn half_open_admits_exactly_the_probes_across_both_workers_then_closes() {
         assert_eq!(
             logged(
                 &vms,
-                "keel circuit-breaker: breaker orders: half_open -> closed: 0 of 3 probes failed, 0 slow"
+                "keel circuit_breaker: breaker orders: half_open -> closed: 0 of 3 probes failed, 0 slow"
             ),
             1
         );
@@ -207,7 +207,7 @@ fn failed_probes_reopen_for_longer_and_late_results_do_not_extend_the_break() {
     assert_eq!(
         logged(
             &vms,
-            "keel circuit-breaker: breaker orders: half_open -> open: 2 of 3 probes failed, 0 slow; open for 10s"
+            "keel circuit_breaker: breaker orders: half_open -> open: 2 of 3 probes failed, 0 slow; open for 10s"
         ),
         1
     );
@@ -243,7 +243,7 @@ fn a_probe_whose_client_left_gives_its_permit_back_and_a_dead_one_fails() {
     assert_eq!(
         logged(
             &vms,
-            "keel circuit-breaker: breaker orders: half_open -> open: 1 of 1 probes failed, 0 slow; open for 10s"
+            "keel circuit_breaker: breaker orders: half_open -> open: 1 of 1 probes failed, 0 slow; open for 10s"
         ),
         1
     );
@@ -307,7 +307,7 @@ fn envoys_503_for_a_closed_connection_counts_as_a_reset() {
     assert_eq!(
         logged(
             &vms,
-            "keel circuit-breaker: breaker catalog: closed -> open: 5 of 5 calls failed; open for 30s"
+            "keel circuit_breaker: breaker catalog: closed -> open: 5 of 5 calls failed; open for 30s"
         ),
         1
     );
@@ -362,7 +362,7 @@ fn slow_calls_open_the_breaker() {
     assert_eq!(
         logged(
             &vms,
-            "keel circuit-breaker: breaker orders: closed -> open: 2 of 4 calls were slow; open for 5s"
+            "keel circuit_breaker: breaker orders: closed -> open: 2 of 4 calls were slow; open for 5s"
         ),
         1
     );
@@ -492,19 +492,19 @@ fn a_bad_configuration_is_refused_with_the_field_named() {
     let cases = [
         (
             MINIMAL.replace("0.5", "1.5"),
-            "keel circuit-breaker: breakers[0].failure_rate: must be in (0, 1], got 1.5; configuration refused",
+            "keel circuit_breaker: breakers[0].failure_rate: must be in (0, 1], got 1.5; configuration refused",
         ),
         (
             MINIMAL.replace(r#""10s""#, r#""fast""#),
-            "keel circuit-breaker: breakers[0].window: ",
+            "keel circuit_breaker: breakers[0].window: ",
         ),
         (
             MINIMAL.replace("failure_rate", "failure_ratio"),
-            "keel circuit-breaker: breakers[0].failure_ratio: ",
+            "keel circuit_breaker: breakers[0].failure_ratio: ",
         ),
         (
             r#"{"breakers": [{"name": "a"}, {"name": "b", "scope": "route"}]}"#.to_string(),
-            "keel circuit-breaker: breakers[1].scope: ",
+            "keel circuit_breaker: breakers[1].scope: ",
         ),
     ];
     for (config, expected) in cases {
@@ -550,7 +550,7 @@ fn per_host_scope_opens_only_the_failing_host() {
     assert_eq!(
         logged(
             &vms,
-            "keel circuit-breaker: breaker per-host (host 10.0.0.1:80): closed -> open: 3 of 3 calls failed; open for 5s"
+            "keel circuit_breaker: breaker per-host (host 10.0.0.1:80): closed -> open: 3 of 3 calls failed; open for 5s"
         ),
         1
     );
@@ -573,7 +573,7 @@ fn per_host_scope_opens_only_the_failing_host() {
     assert_eq!(host.counter("keel.circuit_breaker.per-host.opened"), 1);
     assert_eq!(host.counter("keel.circuit_breaker.per-host.rejected"), 4);
     assert!(host
-        .shared_data_in("keel", "keel/circuit-breaker/per-host/host/10.0.0.2:80")
+        .shared_data_in("keel", "keel/circuit_breaker/per-host/host/10.0.0.2:80")
         .is_some());
 
     // Without the header (no picker before the breaker) the request passes unguarded, once
@@ -611,13 +611,13 @@ fn a_worker_guards_at_most_max_instances_hosts() {
     assert!(admitted(&to("10.0.0.3:80")));
     assert_eq!(host.counter("keel.circuit_breaker.per-host.unguarded"), 2);
     assert!(vms[0].has_log(
-        "keel circuit-breaker: breaker per-host: this worker already guards max_instances (2) host instances; such requests pass unguarded (counted in unguarded)"
+        "keel circuit_breaker: breaker per-host: this worker already guards max_instances (2) host instances; such requests pass unguarded (counted in unguarded)"
     ));
     assert_eq!(
         host.shared_data_keys("keel"),
         vec![
-            "keel/circuit-breaker/per-host/host/10.0.0.1:80".to_string(),
-            "keel/circuit-breaker/per-host/host/10.0.0.2:80".to_string(),
+            "keel/circuit_breaker/per-host/host/10.0.0.1:80".to_string(),
+            "keel/circuit_breaker/per-host/host/10.0.0.2:80".to_string(),
         ]
     );
     // The known hosts are still guarded.
@@ -643,7 +643,7 @@ fn per_cluster_scope_reads_the_route_cluster() {
     assert!(!admitted(&to("payments")));
     assert!(admitted(&to("catalog")));
     assert!(vms[0].has_log(
-        "keel circuit-breaker: breaker clusters (cluster payments): closed -> open: 2 of 2 calls failed; open for 5s"
+        "keel circuit_breaker: breaker clusters (cluster payments): closed -> open: 2 of 2 calls failed; open for 5s"
     ));
     assert_eq!(
         host.gauge("keel.circuit_breaker.clusters.cluster.payments.state"),
@@ -696,12 +696,12 @@ fn forced_open_disabled_and_metrics_only_modes() {
     assert!(admitted(&on("off")));
     assert_eq!(host.gauge("keel.circuit_breaker.off.state"), 4);
     assert!(host
-        .shared_data_in("keel", "keel/circuit-breaker/off")
+        .shared_data_in("keel", "keel/circuit_breaker/off")
         .is_none());
 
     answer(&on("dark"), 500);
     assert!(vms[0].has_log(
-        "keel circuit-breaker: breaker dark: closed -> open: 1 of 1 calls failed; open for 5s"
+        "keel circuit_breaker: breaker dark: closed -> open: 1 of 1 calls failed; open for 5s"
     ));
     assert!(admitted(&on("dark")), "metrics_only never refuses");
     assert_eq!(host.counter("keel.circuit_breaker.dark.would_reject"), 1);
@@ -714,19 +714,19 @@ fn admitting_on_a_closed_breaker_reads_and_writes_nothing() {
     let vms = workers(&host, MINIMAL, 2);
     // Created at configuration, before traffic, so every later write is a compare-and-swap.
     let (_, version) = host
-        .shared_data_in("keel", "keel/circuit-breaker/orders")
+        .shared_data_in("keel", "keel/circuit_breaker/orders")
         .expect("created at configure");
     let streams: Vec<HttpStream> = (0..10).map(|i| send(&vms[i % 2], "/orders")).collect();
     assert!(streams.iter().all(admitted));
     assert_eq!(
-        host.shared_data_in("keel", "keel/circuit-breaker/orders")
+        host.shared_data_in("keel", "keel/circuit_breaker/orders")
             .unwrap()
             .1,
         version
     );
     answer(&streams[0], 200);
     assert_ne!(
-        host.shared_data_in("keel", "keel/circuit-breaker/orders")
+        host.shared_data_in("keel", "keel/circuit_breaker/orders")
             .unwrap()
             .1,
         version

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use keel_core::hash::{hash_key, Endpoint, Pick};
+use keel_core::picker::{hash_key, Endpoint, Pick};
 use keel_host_tests::envoy::{wait_for, Envoy, EnvoyConfig, Request, Response};
 use keel_host_tests::etcd::{discovery_status, routable_addresses, RegisteredService};
 use keel_host_tests::upstream::Mode;
@@ -62,7 +62,7 @@ fn users(envoy: &Envoy, keys: &[String]) -> Vec<Response> {
 }
 
 /// The picker's configuration in envoy/composed.yaml.
-fn picker_config() -> keel_core::hash::config::PickerConfig {
+fn picker_config() -> keel_core::picker::policy::PickerConfig {
     let text = std::fs::read_to_string(repo_root().join(YAML)).unwrap();
     let doc: Value = serde_norway::from_str(&text).unwrap();
     let filters = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
@@ -76,7 +76,7 @@ fn picker_config() -> keel_core::hash::config::PickerConfig {
     let json = picker["typed_config"]["config"]["configuration"]["value"]
         .as_str()
         .unwrap();
-    keel_core::config::load::<keel_core::hash::config::FilterConfig>(json.as_bytes())
+    keel_core::config::load::<keel_core::picker::policy::FilterConfig>(json.as_bytes())
         .unwrap()
         .pickers
         .remove(0)
@@ -96,7 +96,8 @@ fn ring_order(addresses: &[String], failing: &str, keys: &[String]) -> Vec<(Stri
         })
         .collect();
     let degraded = config.picker(&without);
-    let at = |p: &keel_core::hash::Picker, k: &str| match p.pick_hash(hash_key(k.as_bytes()), &[]) {
+    let at = |p: &keel_core::picker::Picker, k: &str| match p.pick_hash(hash_key(k.as_bytes()), &[])
+    {
         Pick::Host(i) => p.endpoints()[i].address.clone(),
         Pick::NoHost => panic!("no host for {k}"),
     };

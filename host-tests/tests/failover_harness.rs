@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_core::breaker::{BreakerState, Phase};
-use keel_core::hash::{hash_key, Endpoint, Pick};
+use keel_core::circuit_breaker::{BreakerState, Phase};
+use keel_core::picker::{hash_key, Endpoint, Pick};
 use keel_host_tests::harness::{
     request, response, HeaderList, HealthAnswer, Host, HttpStream, Response, ScriptedEtcd, Vm,
 };
@@ -179,7 +179,7 @@ impl Rig {
     }
 
     fn breaker_phase(&self) -> Phase {
-        let key = format!("keel/circuit-breaker/users-host/host/{}", H[FAILING]);
+        let key = format!("keel/circuit_breaker/users-host/host/{}", H[FAILING]);
         self.host
             .shared_data_in("keel", &key)
             .and_then(|(bytes, _)| BreakerState::decode(&bytes))
@@ -354,19 +354,20 @@ fn ring_order(keys: &[String]) -> Vec<(String, String)> {
         .into_iter()
         .find(|(n, _, _)| n == "keel.picker")
         .unwrap();
-    let spec = keel_core::config::load::<keel_core::hash::config::FilterConfig>(config.as_bytes())
-        .unwrap();
+    let spec =
+        keel_core::config::load::<keel_core::picker::policy::FilterConfig>(config.as_bytes())
+            .unwrap();
     let picker_config = &spec.pickers[0];
     let endpoints: Vec<Endpoint> = H.iter().map(|h| Endpoint::new(*h)).collect();
     let full = picker_config.picker(&endpoints);
     let mut without = endpoints.clone();
     without[FAILING].healthy = false;
     let degraded = picker_config.picker(&without);
-    let addr = |p: &keel_core::hash::Picker, k: &str| match p.pick_hash(hash_key(k.as_bytes()), &[])
-    {
-        Pick::Host(i) => p.endpoints()[i].address.clone(),
-        Pick::NoHost => panic!("no host"),
-    };
+    let addr =
+        |p: &keel_core::picker::Picker, k: &str| match p.pick_hash(hash_key(k.as_bytes()), &[]) {
+            Pick::Host(i) => p.endpoints()[i].address.clone(),
+            Pick::NoHost => panic!("no host"),
+        };
     keys.iter()
         .map(|k| (addr(&full, k), addr(&degraded, k)))
         .collect()
@@ -577,14 +578,16 @@ fn pipeline_stages_fail_over_along_the_ring_too() {
         .start_workers(2)
         .expect("keel.wasm loads (make build)");
     assert!(vms.iter().all(Vm::configured), "{:?}", vms[0].logs());
-    let spec = keel_core::config::load::<keel_core::hash::config::FilterConfig>(picker.as_bytes())
-        .unwrap();
+    let spec =
+        keel_core::config::load::<keel_core::picker::policy::FilterConfig>(picker.as_bytes())
+            .unwrap();
     let endpoints: Vec<Endpoint> = H.iter().map(|h| Endpoint::new(*h)).collect();
     let full = spec.pickers[0].picker(&endpoints);
     let mut without = endpoints.clone();
     without[FAILING].healthy = false;
     let degraded = spec.pickers[0].picker(&without);
-    let at = |p: &keel_core::hash::Picker, k: &str| match p.pick_hash(hash_key(k.as_bytes()), &[]) {
+    let at = |p: &keel_core::picker::Picker, k: &str| match p.pick_hash(hash_key(k.as_bytes()), &[])
+    {
         Pick::Host(i) => p.endpoints()[i].address.clone(),
         Pick::NoHost => panic!("no host"),
     };

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use keel_core::hash::{hash_key, Endpoint, Pick};
+use keel_core::picker::{hash_key, Endpoint, Pick};
 use keel_host_tests::envoy::{Envoy, EnvoyConfig, Request, Response};
 use keel_host_tests::module_path;
 use keel_host_tests::upstream::{Mode, Upstream};
@@ -66,7 +66,7 @@ fn envoy_retries_walk_the_pickers_host_list_and_keys_stick() {
     );
     json.push_str("]}]}");
     let picker_config =
-        keel_core::config::load::<keel_core::hash::config::FilterConfig>(json.as_bytes())
+        keel_core::config::load::<keel_core::picker::policy::FilterConfig>(json.as_bytes())
             .unwrap()
             .pickers
             .remove(0);
@@ -83,7 +83,8 @@ fn envoy_retries_walk_the_pickers_host_list_and_keys_stick() {
         })
         .collect();
     let degraded = picker_config.picker(&without);
-    let at = |p: &keel_core::hash::Picker, k: &str| match p.pick_hash(hash_key(k.as_bytes()), &[]) {
+    let at = |p: &keel_core::picker::Picker, k: &str| match p.pick_hash(hash_key(k.as_bytes()), &[])
+    {
         Pick::Host(i) => p.endpoints()[i].address.clone(),
         Pick::NoHost => panic!("no host"),
     };

@@ -6,14 +6,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use keel_core::hash::{hash_key, Pick};
+use keel_core::picker::{hash_key, Pick};
 use keel_host_tests::envoy::{Envoy, EnvoyConfig, Request, Response};
 use keel_host_tests::upstream::{Mode, Upstream};
 
 /// The picker's configuration through the production entry point.
 fn from_json(
     json: &str,
-) -> Result<keel_core::hash::config::FilterConfig, keel_core::config::ConfigError> {
+) -> Result<keel_core::picker::policy::FilterConfig, keel_core::config::ConfigError> {
     keel_core::config::load(json.as_bytes())
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use keel_core::discovery::endpoints::{encode_version, set_key, version_key};
 use keel_core::discovery::{DiscoveredEndpoint, EndpointSet};
-use keel_core::hash::{hash_key, Pick};
+use keel_core::picker::{hash_key, Pick};
 use keel_core::time::Instant;
 use keel_host_tests::harness::{request, response, Action, Host, HttpStream, Vm};
 use keel_host_tests::Module;
@@ -15,7 +15,7 @@ use keel_host_tests::Module;
 /// The picker's configuration through the production entry point.
 fn from_json(
     json: &str,
-) -> Result<keel_core::hash::config::FilterConfig, keel_core::config::ConfigError> {
+) -> Result<keel_core::picker::policy::FilterConfig, keel_core::config::ConfigError> {
     keel_core::config::load(json.as_bytes())
 }
 

@@ -32,7 +32,7 @@ fn the_minimal_config_admits_the_burst_plus_the_refill_across_two_workers() {
     let envoy = start(&upstream);
     assert!(envoy
         .log()
-        .contains("keel rate-limit: configured policies: per-key"));
+        .contains("keel rate_limit: configured policies: per-key"));
 
     let started = Instant::now();
     let responses = burst(&envoy, "alice", 1000, 16);
@@ -104,7 +104,7 @@ fn a_bad_configuration_makes_envoy_refuse_the_filter_with_our_message() {
         .start_expect_failure()
         .unwrap();
     assert!(
-        log.contains("keel rate-limit: policies[0].limit.per: expected a duration like"),
+        log.contains("keel rate_limit: policies[0].limit.per: expected a duration like"),
         "{log}"
     );
 }

@@ -333,8 +333,8 @@ fn garbage_from_the_store_takes_the_failure_path_with_a_line_naming_it() {
         .unwrap();
     // A script error: the key holds another type, so the script's HMGET fails in Redis.
     let store = FleetStore::start().unwrap();
-    let fp = keel_core::limit::fingerprint(b"\0wrongtype");
-    let key = keel_core::limit::fleet::redis_key("fleet", fp);
+    let fp = keel_core::rate_limit::fingerprint(b"\0wrongtype");
+    let key = keel_core::rate_limit::fleet::redis_key("fleet", fp);
     assert!(store
         .command(&format!("SET/{key}/x"))
         .unwrap()

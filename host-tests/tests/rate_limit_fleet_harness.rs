@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_core::limit::fleet::ScriptedRedis;
+use keel_core::rate_limit::fleet::ScriptedRedis;
 use keel_host_tests::harness::{Flow, HeaderList, Host, HttpStream, Response, Vm};
 use keel_host_tests::{configured_workers, Module};
 
@@ -295,13 +295,13 @@ fn a_poisoned_key_falls_back_alone_while_another_keeps_its_fleet_share() {
     let redis = Redis::default();
     // Someone wrote a string where key A's bucket lives: the script's HMGET fails on it with
     // WRONGTYPE, in A's place of each answer.
-    let poisoned = keel_core::limit::fingerprint(b"\0tenant-poisoned");
+    let poisoned = keel_core::rate_limit::fingerprint(b"\0tenant-poisoned");
     redis
         .state
         .lock()
         .unwrap()
         .wrong_type
-        .insert(keel_core::limit::fleet::redis_key("fleet", poisoned));
+        .insert(keel_core::rate_limit::fleet::redis_key("fleet", poisoned));
     let config = CONFIG.replace("\"local\"", "\"deny\"");
     let processes = fleet(3, &redis, &config);
     let mut tally = Tally {

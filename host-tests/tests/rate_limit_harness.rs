@@ -48,7 +48,7 @@ fn two_workers_admit_exactly_the_burst_then_exactly_the_refill() {
         let vms = workers_in(&host, module, MINIMAL, 2);
         assert!(vms
             .iter()
-            .all(|vm| vm.has_log("keel rate-limit: configured policies: per-key")));
+            .all(|vm| vm.has_log("keel rate_limit: configured policies: per-key")));
         assert_eq!(burst(&vms, Some("alice"), 1000), 100);
         host.advance(Duration::from_secs(1));
         // Counts reach the host's counters on the workers' next tick (they are batched).
@@ -254,7 +254,7 @@ fn a_bad_configuration_is_refused_with_the_field_named() {
         .expect("the module loads");
     assert!(!vm.configured());
     assert!(
-        vm.has_log("keel rate-limit: policies[0].limit.per: expected a duration"),
+        vm.has_log("keel rate_limit: policies[0].limit.per: expected a duration"),
         "{:?}",
         vm.logs()
     );

@@ -27,7 +27,7 @@ fn two_root_ids_of_keel_wasm_share_one_vm_id_and_both_act() {
     let envoy = config(&ups).start().unwrap();
     let log = envoy.log();
     assert!(
-        log.contains("keel rate-limit: configured policies: per-key"),
+        log.contains("keel rate_limit: configured policies: per-key"),
         "{log}"
     );
     assert!(

@@ -45,7 +45,7 @@ fn the_root_id_chooses_the_filter_and_its_configuration_contract() {
         .start()
         .unwrap();
     assert!(vm.configured(), "{:?}", vm.logs());
-    assert!(vm.has_log("keel rate-limit: configured policies: per-key"));
+    assert!(vm.has_log("keel rate_limit: configured policies: per-key"));
     let admitted = (0..5)
         .filter(|_| {
             let s = vm.send_request(request("GET", "/").with("x-api-key", "a"));
@@ -63,7 +63,7 @@ fn the_root_id_chooses_the_filter_and_its_configuration_contract() {
         .unwrap();
     assert!(!vm.configured());
     assert!(
-        vm.has_log("keel circuit-breaker: policies: unknown field"),
+        vm.has_log("keel circuit_breaker: policies: unknown field"),
         "{:?}",
         vm.logs()
     );

@@ -25,12 +25,12 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use keel_core::adaptive::config::{AdaptivePolicy, Kind, Scope};
+use keel_core::adaptive::policy::{AdaptivePolicy, Kind, Scope};
 use keel_core::adaptive::{Admission, LimitState, Outcome, ThrottleState};
 use keel_core::rand::{Rng, SeededRng};
 use keel_core::routes::Routed;
 use keel_core::time::Instant;
-use keel_proxy::metrics::{Counter, Gauge};
+use keel_proxy::metrics::{Counter, Family, Gauge};
 use keel_proxy::reply::LocalReply;
 use keel_proxy::stage::Stage;
 use keel_proxy::{clock, log, response, routing, store};
@@ -74,19 +74,19 @@ struct Policy {
 
 impl Policy {
     fn new(rules: AdaptivePolicy) -> Policy {
-        let metric = |what: &str| format!("keel.adaptive.{}.{what}", rules.name);
+        let family = Family::new(FILTER, &rules.name);
         let level = match rules.kind {
             Kind::Concurrency(_) => "limit",
             Kind::Throttle(_) => "rejection_permille",
         };
         Policy {
             prefix: format!("keel/adaptive/{}/", rules.name),
-            allowed: Counter::define(&metric("allowed")),
-            rejected: Counter::define(&metric("rejected")),
-            failed_open: Counter::define(&metric("failed_open")),
-            level: Gauge::define(&metric(level)),
-            in_flight: Gauge::define(&metric("in_flight")),
-            min_rtt: Gauge::define(&metric("min_rtt_us")),
+            allowed: family.counter("allowed"),
+            rejected: family.counter("rejected"),
+            failed_open: family.counter("failed_open"),
+            level: family.gauge(level),
+            in_flight: family.gauge("in_flight"),
+            min_rtt: family.gauge("min_rtt_us"),
             rules,
         }
     }

@@ -2,7 +2,7 @@
 //! window, one state per policy, cluster or host, shared by every worker of the Envoy process,
 //! answering locally (or with the last good response) while open.
 //!
-//! The glue is thin: `keel_core::breaker` decides everything against the breaker's state in
+//! The glue is thin: `keel_core::circuit_breaker` decides everything against the breaker's state in
 //! shared data (compare-and-swap); this file reads the route, the scope's key, the status and
 //! Envoy's response flags from the host and translates decisions into a continue, a local
 //! reply, metrics and one log line per transition. Configuration reference:
@@ -27,8 +27,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
-use keel_core::breaker::steer::JUDGED_HOST_PROPERTY;
-use keel_core::breaker::{
+use keel_core::circuit_breaker::steer::JUDGED_HOST_PROPERTY;
+use keel_core::circuit_breaker::{
     Admission, BreakerPolicy, BreakerState, Breakers, FallbackPolicy, Mode, Outcome, Phase,
     ProbeTicket, Reply, Response, Scope, Transition,
 };
@@ -45,7 +45,7 @@ use keel_proxy::{clock, log, request, response, routing, store};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-const FILTER: &str = "circuit-breaker";
+const FILTER: &str = "circuit_breaker";
 
 /// Values of the `state` gauges.
 const STATE_FORCED_OPEN: u64 = 3;
@@ -87,7 +87,7 @@ struct Metrics {
 
 impl Metrics {
     fn new(name: &str) -> Metrics {
-        let family = Family::new("circuit_breaker", name);
+        let family = Family::new(FILTER, name);
         let counter = |what: &str| family.counter(what);
         let gauge = |what: &str| family.gauge(what);
         Metrics {
@@ -232,11 +232,8 @@ impl Breaker {
                 }
             })
             .collect();
-        let gauge = Gauge::define(&format!(
-            "keel.circuit_breaker.{}.{}.{clean}.state",
-            self.policy.name(),
-            self.policy.scope()
-        ));
+        let gauge = Family::new(FILTER, self.policy.name())
+            .gauge(&format!("{}.{clean}.state", self.policy.scope()));
         gauges.insert(instance.to_string(), gauge);
         gauge
     }
@@ -402,7 +399,7 @@ fn admit(
     b: &Breaker,
     key: &str,
     clock_read: &mut Option<Instant>,
-) -> Option<(keel_core::breaker::Decision, StateRead)> {
+) -> Option<(keel_core::circuit_breaker::Decision, StateRead)> {
     let policy = &b.policy;
     let first = match HostStore.get(key) {
         Ok(first) => first,

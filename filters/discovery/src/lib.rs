@@ -25,7 +25,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::rc::Rc;
 
-use keel_core::breaker::steer::JUDGED_HOST_PROPERTY;
+use keel_core::circuit_breaker::steer::JUDGED_HOST_PROPERTY;
 use keel_core::config::path_only;
 use keel_core::discovery::endpoints::decode_version;
 use keel_core::discovery::lease;
@@ -87,7 +87,7 @@ struct ServiceMetrics {
 
 impl ServiceMetrics {
     fn new(service: &str) -> ServiceMetrics {
-        let family = Family::new("discovery", service);
+        let family = Family::new(FILTER, service);
         let gauge = |what: &str| family.gauge(what);
         let counter = |what: &str| family.counter(what);
         ServiceMetrics {
@@ -644,7 +644,7 @@ impl RootContext for DiscoveryRoot {
             FILTER,
             &format!("configured services: {} (tick {tick})", names.join(", ")),
         );
-        let poller = Family::new("discovery", "poller");
+        let poller = Family::new(FILTER, "poller");
         self.filter = Some(Rc::new(Filter {
             admin_path,
             services,

@@ -30,9 +30,9 @@
 
 use std::rc::Rc;
 
-use keel_core::breaker::Response as Outcome;
+use keel_core::circuit_breaker::Response as Outcome;
 use keel_core::fleet::{Command, RedisStore, StoreError};
-use keel_core::idempotency::config::MAX_STORED_HEADER_BYTES;
+use keel_core::idempotency::policy::MAX_STORED_HEADER_BYTES;
 use keel_core::idempotency::redis::{self as redis_store, RedisBegin, Step};
 use keel_core::idempotency::{
     problem, Begin, Completion, Decision, FailureMode, Fingerprint, IdempotencyPolicy, Record,
@@ -40,7 +40,7 @@ use keel_core::idempotency::{
 };
 use keel_core::routes;
 use keel_core::time::Duration;
-use keel_proxy::metrics::Counter;
+use keel_proxy::metrics::{Counter, Family};
 use keel_proxy::reply::LocalReply;
 use keel_proxy::stage::Stage;
 use keel_proxy::store::{HostStore, CAS_ATTEMPTS};
@@ -78,7 +78,8 @@ struct Metrics {
 
 impl Metrics {
     fn new(policy: &str) -> Metrics {
-        let m = |what: &str| Counter::define(&format!("keel.idempotency.{policy}.{what}"));
+        let family = Family::new(FILTER, policy);
+        let m = |what: &str| family.counter(what);
         Metrics {
             stored: m("stored"),
             replayed: m("replayed"),

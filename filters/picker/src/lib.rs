@@ -1,7 +1,7 @@
 //! `keel_picker.wasm`: consistent-hash upstream picking (ring with virtual nodes, Maglev,
 //! bounded loads) and plain balancers, with health, panic threshold and priority failover.
 //!
-//! The glue is thin; `keel_core::hash` decides. Per request it reads the route name (only when
+//! The glue is thin; `keel_core::picker` decides. Per request it reads the route name (only when
 //! a picker lists routes), the key's selectors, and for a `service` source the 9-byte version
 //! stamp of the endpoint set the discovery filter publishes; it picks, and sets the request
 //! header Envoy routes on (`x-envoy-original-dst-host` for an `ORIGINAL_DST` cluster, which
@@ -26,12 +26,12 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use keel_core::breaker::steer::{host_state_key, steering};
+use keel_core::circuit_breaker::steer::{host_state_key, steering};
 use keel_core::config;
-use keel_core::hash::bounded::{self, BoundedPick};
-use keel_core::hash::config::{EndpointSource, FilterConfig, PickerConfig};
-use keel_core::hash::failover::{encode_hosts, HOSTS_PROPERTY, MAX_HOSTS};
-use keel_core::hash::{Algorithm, InFlight, MirrorOutcome, Pick, Picker, ServiceMirror};
+use keel_core::picker::bounded::{self, BoundedPick};
+use keel_core::picker::failover::{encode_hosts, HOSTS_PROPERTY, MAX_HOSTS};
+use keel_core::picker::policy::{EndpointSource, FilterConfig, PickerConfig};
+use keel_core::picker::{Algorithm, InFlight, MirrorOutcome, Pick, Picker, ServiceMirror};
 use keel_core::rand::{Rng, SeededRng};
 use keel_core::routes;
 use keel_core::store::SharedStore;
@@ -85,7 +85,7 @@ struct Metrics {
 
 impl Metrics {
     fn new(picker: &str) -> Metrics {
-        let family = Family::new("picker", picker);
+        let family = Family::new(FILTER, picker);
         let counter = |what: &str| family.counter(what);
         Metrics {
             picks: RefCell::new(HashMap::new()),

@@ -1,4 +1,4 @@
-//! Fleet-wide policies (`store`): the host side of `keel_core::limit::fleet`.
+//! Fleet-wide policies (`store`): the host side of `keel_core::rate_limit::fleet`.
 //!
 //! A lease-mode request takes a token from its process's lease in shared data
 //! ([`process::acquire`]); when the lease is empty it sends the call itself, or waits for the
@@ -14,16 +14,16 @@ use std::rc::Rc;
 
 use keel_core::discovery::lease as election;
 use keel_core::fleet::{Script, StoreError};
-use keel_core::limit::fleet::health::Transition;
-use keel_core::limit::fleet::lease::Applied;
-use keel_core::limit::fleet::process::{self, Refill};
-use keel_core::limit::fleet::remote::{self, parse_grants, BucketAsk, BucketGrant, KeyAnswer};
-use keel_core::limit::fleet::{
+use keel_core::rate_limit::fleet::health::Transition;
+use keel_core::rate_limit::fleet::lease::Applied;
+use keel_core::rate_limit::fleet::process::{self, Refill};
+use keel_core::rate_limit::fleet::remote::{self, parse_grants, BucketAsk, BucketGrant, KeyAnswer};
+use keel_core::rate_limit::fleet::{
     redis_key, Ask, FleetLimit, FleetMode, LeaseRules, OnStoreError, Take,
 };
-use keel_core::limit::{Decision, Limiter};
+use keel_core::rate_limit::{Decision, Limiter};
 use keel_core::time::{Duration, Instant};
-use keel_proxy::metrics::{Counter, Gauge};
+use keel_proxy::metrics::{Counter, Family, Gauge};
 use keel_proxy::store::HostStore;
 use keel_proxy::{clock, fleet as wire, log, store};
 
@@ -60,20 +60,20 @@ struct FleetMetrics {
 
 impl FleetGlue {
     pub(crate) fn new(limit: FleetLimit, limiters: &[&Limiter], name: &str) -> FleetGlue {
-        let metric = |what: &str| format!("keel.rate_limit.{name}.{what}");
+        let family = Family::new(FILTER, name);
         FleetGlue {
             rules: limiters.iter().map(|l| limit.rules(l)).collect(),
             fallback: limiters.iter().map(|l| limit.fallback(l)).collect(),
             metrics: FleetMetrics {
-                calls: Counter::define(&metric("store_calls")),
-                errors: Counter::define(&metric("store_errors")),
-                key_errors: Counter::define(&metric("key_errors")),
-                leases: Counter::define(&metric("leases")),
-                granted: Counter::define(&metric("tokens_granted")),
-                returned: Counter::define(&metric("tokens_returned")),
-                fallback: Counter::define(&metric("store_fallback")),
-                fallback_ms: Counter::define(&metric("store_fallback_ms")),
-                down: Gauge::define(&metric("store_down")),
+                calls: family.counter("store_calls"),
+                errors: family.counter("store_errors"),
+                key_errors: family.counter("key_errors"),
+                leases: family.counter("leases"),
+                granted: family.counter("tokens_granted"),
+                returned: family.counter("tokens_returned"),
+                fallback: family.counter("store_fallback"),
+                fallback_ms: family.counter("store_fallback_ms"),
+                down: family.gauge("store_down"),
             },
             limit,
         }
@@ -362,7 +362,7 @@ fn fallback(policy: &Policy, glue: &FleetGlue, index: usize, fp: u64, now: Insta
         },
         OnStoreError::Local => {
             let local = glue.fallback.get(index).unwrap_or(limiter);
-            let decision = policy.rules.table.acquire_fingerprint(
+            let decision = policy.rules.table.acquire(
                 &HostStore,
                 &policy.prefix,
                 local,

@@ -2,7 +2,7 @@
 //! per key and tier, exact across an Envoy process's worker threads.
 //!
 //! The glue is thin: it reads the route name and the request's key from the host, lets
-//! `keel_core::limit` decide against the slot's state in shared data (compare-and-swap), and
+//! `keel_core::rate_limit` decide against the slot's state in shared data (compare-and-swap), and
 //! turns the decision into a continue, a 429, or a request parked until the root context's tick
 //! resumes it. Configuration reference: `docs/config/rate-limit.md`.
 //!
@@ -26,9 +26,11 @@ use std::rc::Rc;
 mod fleet;
 
 use keel_core::config;
-use keel_core::limit::policy::RateLimitPolicy;
-use keel_core::limit::request::{bucket_key, refusal, tier_fingerprint, BucketKey, Label, Refused};
-use keel_core::limit::{Decision, Limiter};
+use keel_core::rate_limit::policy::RateLimitPolicy;
+use keel_core::rate_limit::request::{
+    bucket_key, refusal, tier_fingerprint, BucketKey, Label, Refused,
+};
+use keel_core::rate_limit::{Decision, Limiter};
 use keel_core::routes::{self, Routed};
 use keel_core::time::{Duration, Instant};
 use keel_proxy::metrics::{Family, Tally};
@@ -39,7 +41,7 @@ use keel_proxy::{clock, log, request, store, stream};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-pub(crate) const FILTER: &str = "rate-limit";
+pub(crate) const FILTER: &str = "rate_limit";
 /// How often a root context with parked requests wakes up to resume them.
 pub(crate) const TICK: std::time::Duration = std::time::Duration::from_millis(5);
 /// How long a counted request may wait before its count reaches the host's counters.
@@ -91,7 +93,7 @@ pub(crate) struct Policy {
 
 impl Policy {
     fn new(rules: RateLimitPolicy) -> Policy {
-        let family = Family::new("rate_limit", &rules.name);
+        let family = Family::new(FILTER, &rules.name);
         let metric = |what: &str| Tally::new(family.counter(what));
         let labels = Label::all(&rules);
         let fleet = rules.fleet.clone().map(|limit| {
@@ -120,7 +122,7 @@ impl Policy {
     fn acquire(&self, index: usize, key: &[u8], now: Instant, ticker: &Ticker) -> Option<Decision> {
         let (_, limiter) = self.rules.limiter_at(index);
         let fp = self.fingerprint(index, key);
-        let decision = self.rules.table.acquire_fingerprint(
+        let decision = self.rules.table.acquire(
             &HostStore,
             &self.prefix,
             limiter,
@@ -295,7 +297,7 @@ impl RootContext for RateLimitRoot {
         let fleet_refill = list
             .iter()
             .filter_map(|p| p.fleet.as_ref())
-            .filter(|f| f.limit.mode == keel_core::limit::fleet::FleetMode::Lease)
+            .filter(|f| f.limit.mode == keel_core::rate_limit::fleet::FleetMode::Lease)
             .map(|f| f.limit.refill)
             .min();
         let replaced = std::mem::replace(
@@ -320,9 +322,11 @@ impl RootContext for RateLimitRoot {
             }
             if policy.fleet.is_some() {
                 let table = &policy.rules.table;
-                if let Err(e) =
-                    keel_core::limit::fleet::process::prepare(&HostStore, &policy.prefix, table)
-                {
+                if let Err(e) = keel_core::rate_limit::fleet::process::prepare(
+                    &HostStore,
+                    &policy.prefix,
+                    table,
+                ) {
                     log::warn(FILTER, &format!("policy {name}: could not create its lease slots in shared data ({e:?}); limits may be approximate"));
                 }
             }

@@ -42,9 +42,9 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use keel_core::breaker::steer::{host_state_key, steering, Steering};
+use keel_core::circuit_breaker::steer::{host_state_key, steering, Steering};
 use keel_core::config;
-use keel_core::hash::failover::{decode_hosts, HOSTS_PROPERTY};
+use keel_core::picker::failover::{decode_hosts, HOSTS_PROPERTY};
 use keel_core::rand::SeededRng;
 use keel_core::retry::attempt::{encode_router_attempt, router_failure, ROUTER_ATTEMPT_PROPERTY};
 use keel_core::retry::session::{
@@ -100,7 +100,7 @@ struct Metrics {
 
 impl Metrics {
     fn define(policy: &str) -> Metrics {
-        let family = Family::new("retry", policy);
+        let family = Family::new(FILTER, policy);
         let metric = |what: &str| family.counter(what);
         Metrics {
             requests: metric("requests"),

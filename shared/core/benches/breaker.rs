@@ -15,7 +15,7 @@ mod bench {
     use std::hint::black_box;
 
     use criterion::{criterion_group, Criterion};
-    use keel_core::breaker::{Admission, BreakerPolicy, Breakers, Outcome, Response};
+    use keel_core::circuit_breaker::{Admission, BreakerPolicy, Breakers, Outcome, Response};
     use keel_core::time::{Duration, Instant};
 
     fn policy(buckets: u32) -> Option<BreakerPolicy> {

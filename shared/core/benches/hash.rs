@@ -14,8 +14,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use hashring::HashRing;
-use keel_core::hash::ring::DEFAULT_POINTS_PER_WEIGHT;
-use keel_core::hash::{
+use keel_core::picker::ring::DEFAULT_POINTS_PER_WEIGHT;
+use keel_core::picker::{
     hash_key, Algorithm, Endpoint, MaglevTable, Picker, PickerOptions, Ring, RingParams, TableSize,
 };
 

@@ -40,7 +40,7 @@ mod bench {
     use governor::clock::FakeRelativeClock;
     use governor::{Quota, RateLimiter};
     use keel_core::config::Rate;
-    use keel_core::limit::{Algorithm, Limiter, StateBytes};
+    use keel_core::rate_limit::{Algorithm, Limiter, StateBytes};
     use keel_core::time::{Duration, Instant};
 
     const REQUESTS: u32 = 1000;

@@ -6,7 +6,32 @@
 //! decodes to `None`, which callers treat as "no state yet", so a corrupt or foreign value can
 //! never panic a VM.
 
+use alloc::string::String;
 use alloc::vec::Vec;
+
+/// `n` in decimal, as `format!("{n}")` writes it, in `buf` (without the formatting machinery,
+/// which is slow in wasm and dominates the build time of a large hash ring).
+pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut start = buf.len();
+    let mut rest = n;
+    for d in buf.iter_mut().rev() {
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        start -= 1;
+        if rest == 0 {
+            break;
+        }
+    }
+    // ASCII digits, so always valid UTF-8.
+    buf.get(start..)
+        .and_then(|digits| core::str::from_utf8(digits).ok())
+        .unwrap_or("0")
+}
+
+/// Appends `n` in decimal to `out`: [`decimal`] for a string being built.
+pub fn push_decimal(out: &mut String, n: u64) {
+    out.push_str(decimal(n, &mut [0; 20]));
+}
 
 /// Appends fixed-width little-endian fields to a buffer.
 #[derive(Debug, Default)]
@@ -109,6 +134,27 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_are_written_as_format_writes_them() {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            12_345,
+            u64::from(u32::MAX),
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let mut out = String::from("x");
+            push_decimal(&mut out, n);
+            assert_eq!(out, alloc::format!("x{n}"));
+            assert_eq!(decimal(n, &mut [0; 20]), alloc::format!("{n}"));
+        }
+    }
 
     #[test]
     fn round_trips_fields_in_order() {

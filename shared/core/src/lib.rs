@@ -17,15 +17,15 @@ extern crate alloc;
 extern crate std;
 
 pub mod adaptive;
-pub mod breaker;
+pub mod circuit_breaker;
 pub mod codec;
 pub mod config;
 pub mod discovery;
 pub mod fleet;
-pub mod hash;
 pub mod idempotency;
-pub mod limit;
+pub mod picker;
 pub mod rand;
+pub mod rate_limit;
 pub mod retry;
 pub mod routes;
 pub mod store;

@@ -75,7 +75,7 @@ where
         };
         // Envoy treats a version of 0 as "unconditional": two workers creating the same key
         // at once can both succeed. Callers that need exactness from the first request create
-        // their keys before traffic (see `limit::table`); after that every write is versioned.
+        // their keys before traffic (see `rate_limit::table`); after that every write is versioned.
         match store.set(key, &new, Some(cas)) {
             Ok(()) => return Ok(result),
             Err(StoreError::CasMismatch) => continue,

@@ -7,7 +7,7 @@
 //! and need not be UTF-8.
 //!
 //! The response flags say whether Envoy answered in the upstream's place (connection refused
-//! or reset, timeout) or the client left: see `keel_core::breaker::Response::from_envoy`.
+//! or reset, timeout) or the client left: see `keel_core::circuit_breaker::Response::from_envoy`.
 
 use crate::host::{self, Buffer, Map};
 

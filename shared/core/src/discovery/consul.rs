@@ -27,7 +27,7 @@ use alloc::string::String;
 
 use serde_json::{Map, Value};
 
-use super::config::ConsulSource;
+use super::policy::ConsulSource;
 use super::registry::{
     priority_from, quote, Collector, ParseError, ParseLimits, RawEndpoint, RegistryAnswer,
     RegistryRequest, SkipReason,

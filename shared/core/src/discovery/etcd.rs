@@ -34,7 +34,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::Value;
 
-use super::config::EtcdSource;
+use super::policy::EtcdSource;
 use super::registry::{
     quote, Collector, ParseError, ParseLimits, RawEndpoint, RegistryAnswer, RegistryRequest,
     SkipReason,

@@ -31,8 +31,8 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use super::config::{ActiveCheckConfig, PassivePolicy};
 use super::endpoints::EndpointSet;
+use super::policy::{ActiveCheckConfig, PassivePolicy};
 use crate::codec::{Reader, Writer};
 use crate::rand::Rng;
 use crate::time::{Duration, Instant};

@@ -60,20 +60,17 @@
 //! exactly when the membership or a record's weight, priority, zone, flags or ejection
 //! changes (not for freshness, `refreshed_at` or the ejection multiplier), and only rises.
 
-pub mod config;
 pub mod consul;
 pub mod endpoints;
 pub mod etcd;
 pub mod health;
 pub mod lease;
+pub mod policy;
 pub mod registry;
 pub mod report;
 pub mod staleness;
+pub mod wire;
 
-pub use config::{
-    ActiveCheckConfig, ConsulSource, DiscoveryConfig, DiscoverySpec, EtcdSource, PassivePolicy,
-    ServiceConfig, Source,
-};
 pub use consul::ConsulIndex;
 pub use endpoints::{
     read_set, set_key, update_set, version_key, EndpointRecord, EndpointSet, MergeOutcome,
@@ -83,12 +80,17 @@ pub use health::{
     PassiveCounter, PassiveVerdict,
 };
 pub use lease::{acquire, try_acquire, PollerLease, LEASE_KEY, POLLER_LEASE_TTL};
+pub use policy::{
+    ActiveCheckConfig, ConsulSource, DiscoveryConfig, EtcdSource, PassivePolicy, ServiceConfig,
+    Source,
+};
 pub use registry::{
     DiscoveredEndpoint, ParseError, ParseLimits, RegistryAnswer, RegistryRequest, SkipReason,
     SkippedEntry,
 };
 pub use report::{status_json, SetCounts};
 pub use staleness::{Freshness, RefreshSchedule};
+pub use wire::DiscoverySpec;
 
 use crate::time;
 

@@ -160,7 +160,7 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
-    use crate::discovery::config::PassivePolicy;
+    use crate::discovery::policy::PassivePolicy;
     use crate::discovery::registry::DiscoveredEndpoint;
     use core::net::{IpAddr, SocketAddr};
     use serde_json::Value;

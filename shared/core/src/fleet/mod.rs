@@ -14,16 +14,16 @@
 //!   `NOSCRIPT`, a Redis error, garbage, too large).
 //! - [`script`]: a Lua [`Script`] named by its SHA-1 (the `sha1_smol` crate), called with `EVALSHA` and
 //!   reloaded with `EVAL` after `NOSCRIPT`.
-//! - [`config`]: the store as written in a filter's configuration ([`RedisSpec`] into
+//! - [`redis`]: where the store is, as written in a filter's configuration ([`RedisSpec`] into
 //!   [`RedisStore`]: cluster, authority, timeout).
 //!
-//! Nothing here knows what is stored: the rate limiter's leases (`limit::fleet`) and
+//! Nothing here knows what is stored: the rate limiter's leases (`rate_limit::fleet`) and
 //! idempotency keys build on it.
 
-pub mod config;
+pub mod redis;
 pub mod script;
 pub mod webdis;
 
-pub use config::{RedisSpec, RedisStore};
+pub use redis::{RedisSpec, RedisStore};
 pub use script::Script;
 pub use webdis::{parse_reply, Command, Reply, StoreError, MAX_REPLY_BYTES};

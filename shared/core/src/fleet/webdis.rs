@@ -69,7 +69,7 @@ impl Command {
     /// Appends a decimal integer argument.
     pub fn arg_u64(mut self, n: u64) -> Command {
         self.body.push('/');
-        crate::limit::headers::push_decimal(&mut self.body, n);
+        crate::codec::push_decimal(&mut self.body, n);
         self
     }
 

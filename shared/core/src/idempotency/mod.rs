@@ -8,7 +8,8 @@
 //! repeat while the first is in flight gets `409` with `Retry-After` (the draft's MUST); the
 //! same key with another request gets `422`; a missing key where one is required gets `400`.
 //!
-//! - [`config`]: the JSON configuration and its validation, with field-path errors.
+//! - [`wire`]: the JSON configuration as written.
+//! - [`policy`]: its validation into policies, with field-path errors.
 //! - [`record`]: a key's record (in flight, completed), its binary layout, the request
 //!   fingerprint, the scoped key (policy, route, client identity) and [`decide`].
 //! - [`ring`]: the per-process store in shared data: a fixed ring of slots, oldest reused first,
@@ -20,16 +21,18 @@
 //! record counts only until its `expires_at`; the shared-data store never holds more than
 //! [`SharedRing::max_keys`] keys and [`SharedRing::max_bytes`] bytes.
 
-pub mod config;
+pub mod policy;
 pub mod record;
 pub mod redis;
 pub mod ring;
+pub mod wire;
 
-pub use config::{FailureMode, IdempotencyPolicy, IdempotencySpec, Store, StoreResponses};
+pub use policy::{FailureMode, IdempotencyPolicy, Store, StoreResponses};
 pub use record::{
     decide, problem, Decision, Fingerprint, Record, ScopedKey, State, StoredResponse,
 };
 pub use ring::{Begin, Completion, RingError, SharedRing, Ticket};
+pub use wire::IdempotencySpec;
 
 impl crate::routes::Routed for IdempotencyPolicy {
     fn routes(&self) -> Option<&[alloc::string::String]> {

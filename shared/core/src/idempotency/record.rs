@@ -372,7 +372,7 @@ pub fn problem(status: u16, title: &str, detail: &str) -> Vec<u8> {
     s.push_str("{\"type\":\"about:blank\",\"title\":");
     push_json_string(&mut s, title);
     s.push_str(",\"status\":");
-    crate::limit::headers::push_decimal(&mut s, u64::from(status));
+    crate::codec::push_decimal(&mut s, u64::from(status));
     s.push_str(",\"detail\":");
     push_json_string(&mut s, detail);
     s.push('}');

@@ -35,8 +35,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::record::{decide, Decision, Record, ScopedKey, State, StoredResponse, EMPTY};
+use crate::codec::push_decimal;
 use crate::codec::{Reader, Writer};
-use crate::limit::headers::push_decimal;
 use crate::store::{update, SharedStore, StoreError, UpdateError};
 use crate::time::{Duration, Instant};
 

@@ -32,7 +32,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use crate::hash::failover::{next_host, NextHost};
+use crate::picker::failover::{next_host, NextHost};
 use crate::rand::Rng;
 use crate::retry::attempt::{callout_failure, handed_on_response_header, replayed_request_header};
 use crate::retry::{
@@ -145,7 +145,7 @@ enum Phase {
     Answered,
 }
 
-/// A request's failover over the picker's host list (`keel_core::hash::failover`).
+/// A request's failover over the picker's host list (`keel_core::picker::failover`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failover {
     /// The picker's preference list for the request's key.
