@@ -78,6 +78,11 @@ class Scenario:
     # Counters (matched by name suffix) that must grow by one per request in every window: the
     # proof that the filter did its work (e.g. the limiter's `allowed` counter).
     per_request_counters: tuple = ()
+    # Counters (matched by name suffix) that must not grow in a window: the proof that the
+    # measured path is the one meant (the fleet limiter's lease, not its store-error fallback).
+    quiet_counters: tuple = ()
+    # Counters (matched by name suffix) whose growth per window is reported, for information.
+    noted_counters: tuple = ()
     # Ratio reported: overhead(this) / overhead(compare_with), overheads taken over `bare`.
     compare_with: Optional[str] = "empty"
     # The most that ratio may be (from the issues), or None for information only.
@@ -159,6 +164,8 @@ SCENARIOS = [
         module="dist/keel_rate_limit.wasm",
         filters=("keel.rate_limit",),
         per_request_counters=("rate_limit.bench.allowed",),
+        quiet_counters=("rate_limit.bench.store_fallback", "rate_limit.bench.store_errors"),
+        noted_counters=("rate_limit.bench.store_calls",),
         compare_with="keel-rate-limit",
         target=1.10,
         fleet_store=True,
@@ -757,6 +764,16 @@ def count_instructions(p: "Planned", envoy_binary: str, tools: tuple, workdir: P
                     problems.append(f"counter *{suffix} not found in /stats")
                 elif grown < args.ins_requests:
                     problems.append(f"counter *{suffix} grew by {grown}, fewer than the {args.ins_requests} requests")
+            for suffix in p.scenario.quiet_counters:
+                names = [n for n in after if n.endswith(suffix)]
+                grown = sum(after[n] - before.get(n, 0) for n in names)
+                counters[suffix] = grown
+                if not names:
+                    problems.append(f"counter *{suffix} not found in /stats")
+                elif grown:
+                    problems.append(f"counter *{suffix} grew by {grown}: the window did not measure the path meant")
+            for suffix in p.scenario.noted_counters:
+                counters[suffix] = sum(after[n] - before.get(n, 0) for n in after if n.endswith(suffix))
             row = {
                 "warmup_requests": warmup,
                 "requests": args.ins_requests,
@@ -880,6 +897,7 @@ def summarize_instructions(planned: list, results: dict) -> dict:
             "raw_instructions_per_request": windows[0]["raw_instructions_per_request"],
             "idle_instructions_per_s": windows[0]["idle_instructions_per_s"],
             "problems": sorted({m for w in windows for m in w["problems"]}),
+            "noted": {suffix: windows[0]["counters"].get(suffix, 0) for suffix in s.noted_counters},
         }
     return summary
 
@@ -941,7 +959,8 @@ def instructions_markdown(meta: dict, summary: dict, notes: list, previous: Opti
             old = previous.get(name, {}).get("instructions_per_request")
             row += f" | {old:,.0f} | {(s['instructions_per_request'] - old) / old * 100:+.3f} %" if old else " | — | —"
         row += f" | {s['raw_instructions_per_request']:,.0f} | {s['idle_instructions_per_s']:,}"
-        row += " | " + ("⚠ " + "; ".join(s["problems"]) if s["problems"] else "ok") + " |"
+        noted = "".join(f" ({suffix.rsplit('.', 1)[-1]} +{s.get('noted', {})[suffix]:,} in the first window)" for suffix in s.get("noted", {}))
+        row += " | " + ("⚠ " + "; ".join(s["problems"]) if s["problems"] else "ok") + noted + " |"
         lines.append(row)
     if previous:
         diffs = [abs(s["instructions_per_request"] - previous[n]["instructions_per_request"]) / previous[n]["instructions_per_request"] * 100
