@@ -898,6 +898,7 @@ def summarize_instructions(planned: list, results: dict) -> dict:
             "idle_instructions_per_s": windows[0]["idle_instructions_per_s"],
             "problems": sorted({m for w in windows for m in w["problems"]}),
             "noted": {suffix: windows[0]["counters"].get(suffix, 0) for suffix in s.noted_counters},
+            "window_wall_s": windows[0]["wall_s"],
         }
     return summary
 
@@ -959,7 +960,12 @@ def instructions_markdown(meta: dict, summary: dict, notes: list, previous: Opti
             old = previous.get(name, {}).get("instructions_per_request")
             row += f" | {old:,.0f} | {(s['instructions_per_request'] - old) / old * 100:+.3f} %" if old else " | — | —"
         row += f" | {s['raw_instructions_per_request']:,.0f} | {s['idle_instructions_per_s']:,}"
-        noted = "".join(f" ({suffix.rsplit('.', 1)[-1]} +{s.get('noted', {})[suffix]:,} in the first window)" for suffix in s.get("noted", {}))
+        wall = s.get("window_wall_s") or 0
+        noted = "".join(
+            f" ({suffix.rsplit('.', 1)[-1]} +{n:,} in the first window"
+            + (f", {n / wall:.1f}/s at {meta['ins_requests'] / wall:.0f} requests/s" if wall else "") + ")"
+            for suffix, n in s.get("noted", {}).items()
+        )
         row += " | " + ("⚠ " + "; ".join(s["problems"]) if s["problems"] else "ok") + noted + " |"
         lines.append(row)
     if previous:
