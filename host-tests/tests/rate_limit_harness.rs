@@ -306,3 +306,64 @@ fn a_flood_of_distinct_keys_stays_within_max_keys() {
     assert_eq!(memory, after, "linear memory grew");
     assert!(vms.iter().all(|vm| vm.crashed().is_none()));
 }
+
+/// The adaptive filter's success-rate counts of `requests` and `accepts`, as it writes them.
+fn throttle_state(requests: u32, accepts: u32) -> Vec<u8> {
+    keel_core::adaptive::throttle::ThrottleState {
+        epoch: 1,
+        buckets: vec![(requests, accepts)],
+    }
+    .encode()
+}
+
+#[test]
+fn an_adaptive_rate_follows_the_upstreams_success_rate() {
+    const ADAPTIVE: &str = r#"{"policies": [{"name": "api", "key": "header:x-api-key", "limit": {"requests": 100, "per": "1s", "burst": 100}, "adaptive": {"policy": "orders", "scope": "backend", "floor": 0.2}}]}"#;
+    const SIGNAL: &str = "keel/adaptive/orders/backend";
+    for module in Module::BOTH {
+        eprintln!("module: {module:?}");
+        let host = Host::new();
+        let vms = workers_in(&host, module, ADAPTIVE, 2);
+        // No signal yet: the configured rate.
+        assert_eq!(burst(&vms, Some("alice"), 1000), 100);
+        assert_eq!(host.gauge("keel.rate_limit.api.rate_percent"), 100);
+
+        // 40 of 100 upstream answers good: 100 × 0.40 / 0.95 = 42 % of the rate, read on the
+        // workers' next tick.
+        host.set_shared_data_in("keel", SIGNAL, throttle_state(100, 40));
+        vms.iter().for_each(Vm::tick);
+        assert_eq!(host.gauge("keel.rate_limit.api.rate_percent"), 42);
+        assert!(vms.iter().all(|vm| vm.has_log(
+            "keel rate_limit: policy api: at 42% of its configured rate (success rate of adaptive policy orders below 0.95)"
+        )));
+        assert_eq!(burst(&vms, Some("bob"), 1000), 42);
+        let refused = send(&vms[0], Some("bob"));
+        let reply = refused.local_reply().expect("refused");
+        assert_eq!(
+            reply.header("ratelimit-policy"),
+            Some("\"api\";q=42;w=1"),
+            "RateLimit-Policy says the rate in force"
+        );
+        // The refill is at the scaled rate too: half a second brings 21.
+        host.advance(Duration::from_millis(500));
+        assert_eq!(burst(&vms, Some("bob"), 1000), 21);
+
+        // Under the floor: 5 % success is 5 %, held at the floor of 20 %.
+        host.set_shared_data_in("keel", SIGNAL, throttle_state(100, 5));
+        vms.iter().for_each(Vm::tick);
+        assert_eq!(host.gauge("keel.rate_limit.api.rate_percent"), 20);
+        assert_eq!(burst(&vms, Some("carol"), 1000), 20);
+
+        // Healed: the configured rate again.
+        host.set_shared_data_in("keel", SIGNAL, throttle_state(100, 99));
+        vms.iter().for_each(Vm::tick);
+        assert_eq!(host.gauge("keel.rate_limit.api.rate_percent"), 100);
+        assert!(vms[0].has_log("keel rate_limit: policy api: back at its configured rate"));
+        assert_eq!(burst(&vms, Some("dave"), 1000), 100);
+
+        // A signal the limiter cannot read is no signal: the configured rate, no crash.
+        host.set_shared_data_in("keel", SIGNAL, b"not a throttle state".to_vec());
+        vms.iter().for_each(Vm::tick);
+        assert_eq!(burst(&vms, Some("erin"), 1000), 100);
+    }
+}

@@ -32,8 +32,9 @@ use keel_core::rate_limit::request::{
 };
 use keel_core::rate_limit::{Decision, Limiter};
 use keel_core::routes::{self, Routed};
+use keel_core::store::SharedStore;
 use keel_core::time::{Duration, Instant};
-use keel_proxy::metrics::{Family, Tally};
+use keel_proxy::metrics::{Family, Gauge, Tally};
 use keel_proxy::reply::LocalReply;
 use keel_proxy::stage::Stage;
 use keel_proxy::store::HostStore;
@@ -265,6 +266,78 @@ struct RateLimitRoot {
     /// too, until the last of those streams is gone.
     retired: Vec<Rc<Policies>>,
     ticker: Rc<Ticker>,
+    /// The policies as configured, with the percentage of its rate each runs at (100 but for
+    /// adaptive policies) and an adaptive policy's `rate_percent` gauge.
+    configured: Vec<(RateLimitPolicy, u8, Option<Gauge>)>,
+}
+
+impl RateLimitRoot {
+    /// Puts `rules` in force: the streams that hold the replaced policies keep them (their late
+    /// counts are flushed while they last). Returns the fleet refill period, if any.
+    fn install(&mut self, rules: Vec<RateLimitPolicy>) -> Option<Duration> {
+        let list: Vec<Policy> = rules.into_iter().map(Policy::new).collect();
+        let by_route = routes::any_listed(&list, |p| &p.rules);
+        let fleet_refill = list
+            .iter()
+            .filter_map(|p| p.fleet.as_ref())
+            .filter(|f| f.limit.mode == keel_core::rate_limit::fleet::FleetMode::Lease)
+            .map(|f| f.limit.refill)
+            .min();
+        let replaced = std::mem::replace(
+            &mut self.policies,
+            Rc::new(Policies {
+                list,
+                by_route,
+                fleet_refill,
+            }),
+        );
+        replaced.flush();
+        if Rc::strong_count(&replaced) > 1 {
+            self.retired.push(replaced);
+        }
+        fleet_refill
+    }
+
+    /// Reads each adaptive policy's signal (the adaptive filter's success-rate counts in shared
+    /// data) and, when a policy's percentage changed, puts the policies back in force at their
+    /// new rates. No signal, or a read the host refuses, is the full rate.
+    fn adapt(&mut self) {
+        let mut changed = false;
+        for (rules, percent, gauge) in self.configured.iter_mut() {
+            let Some(adaptive) = &rules.adaptive else {
+                continue;
+            };
+            let signal = HostStore.get(&adaptive.signal_key()).ok().flatten();
+            let now = adaptive.percent(signal.as_ref().map(|(bytes, _)| bytes.as_slice()));
+            if now == *percent {
+                continue;
+            }
+            if (now == 100) != (*percent == 100) {
+                let line = if now == 100 {
+                    format!("policy {}: back at its configured rate", rules.name)
+                } else {
+                    format!(
+                        "policy {}: at {now}% of its configured rate (success rate of adaptive policy {} below {})",
+                        rules.name, adaptive.policy, adaptive.target
+                    )
+                };
+                log::info(FILTER, &line);
+            }
+            *percent = now;
+            if let Some(gauge) = gauge {
+                gauge.set(u64::from(now));
+            }
+            changed = true;
+        }
+        if changed {
+            let rules = self
+                .configured
+                .iter()
+                .map(|(rules, percent, _)| rules.at_percent(*percent))
+                .collect();
+            self.install(rules);
+        }
+    }
 }
 
 impl Context for RateLimitRoot {
@@ -292,26 +365,19 @@ impl RootContext for RateLimitRoot {
         else {
             return false;
         };
-        let list: Vec<Policy> = rules.into_iter().map(Policy::new).collect();
-        let by_route = routes::any_listed(&list, |p| &p.rules);
-        let fleet_refill = list
+        self.configured = rules
             .iter()
-            .filter_map(|p| p.fleet.as_ref())
-            .filter(|f| f.limit.mode == keel_core::rate_limit::fleet::FleetMode::Lease)
-            .map(|f| f.limit.refill)
-            .min();
-        let replaced = std::mem::replace(
-            &mut self.policies,
-            Rc::new(Policies {
-                list,
-                by_route,
-                fleet_refill,
-            }),
-        );
-        replaced.flush();
-        if Rc::strong_count(&replaced) > 1 {
-            self.retired.push(replaced);
-        }
+            .map(|r| {
+                let gauge = r.adaptive.as_ref().map(|_| {
+                    let gauge = Family::new(FILTER, &r.name).gauge("rate_percent");
+                    gauge.set(100);
+                    gauge
+                });
+                (r.clone(), 100, gauge)
+            })
+            .collect();
+        let fleet_refill = self.install(rules);
+        self.adapt();
         // Create every slot before traffic: Envoy's shared data cannot create a key "only if
         // absent", so only writes to existing slots are exact compare-and-swaps.
         let mut names = String::new();
@@ -345,6 +411,7 @@ impl RootContext for RateLimitRoot {
     }
 
     fn on_tick(&mut self) {
+        self.adapt();
         let mut flushed = self.policies.flush();
         self.retired.retain(|old| {
             flushed |= old.flush();

@@ -108,6 +108,7 @@
 //! - A fresh key (no or undecodable state) is a full bucket, an empty window, an empty queue.
 //! - A denied request changes nothing: `acquire` returns no state to write.
 
+pub mod adaptive;
 mod fixed_window;
 pub mod fleet;
 mod gcra;

@@ -16,8 +16,11 @@ use alloc::vec::Vec;
 
 use serde::Deserialize;
 
+use super::adaptive::{
+    scaled, AdaptiveRate, DEFAULT_FLOOR_PERCENT, DEFAULT_MIN_REQUESTS, DEFAULT_TARGET,
+};
 use super::fleet::FleetLimit;
-use super::wire::{PolicySpec, RateLimitSpec, TiersSpec};
+use super::wire::{AdaptiveSpec, PolicySpec, RateLimitSpec, TiersSpec};
 use super::{Algorithm, KeyTable, Limiter};
 use crate::config::{validate_each, ConfigError, FieldPath, LocalReply, Rate, Selector, Validate};
 use crate::time::Duration;
@@ -73,6 +76,9 @@ pub struct RateLimitPolicy {
     pub deny: DenyReply,
     /// The fleet-wide store, if any: the limit is then shared by every process.
     pub fleet: Option<FleetLimit>,
+    /// The adaptive rate, if any: the limiters run at a percentage of their configured rate
+    /// ([`RateLimitPolicy::at_percent`]).
+    pub adaptive: Option<AdaptiveRate>,
 }
 
 /// The default of `max_keys`.
@@ -117,6 +123,23 @@ impl RateLimitPolicy {
     /// How many limiters the policy has: its own and one per tier.
     pub fn limiter_count(&self) -> usize {
         1 + self.tiers.as_ref().map_or(0, |t| t.limits.len())
+    }
+
+    /// The policy with every limiter at `percent` of its configured rate ([`scaled`]); called on
+    /// the policy as configured (scaling a scaled policy compounds).
+    pub fn at_percent(&self, percent: u8) -> RateLimitPolicy {
+        let mut out = self.clone();
+        if percent >= 100 {
+            return out;
+        }
+        let rescale = |l: &Limiter| Limiter::new(l.algorithm(), scaled(l.rate(), percent));
+        out.limiter = rescale(&self.limiter);
+        if let Some(tiers) = out.tiers.as_mut() {
+            for (_, limiter) in tiers.limits.iter_mut() {
+                *limiter = rescale(limiter);
+            }
+        }
+        out
     }
 
     /// The shared-data key prefix of this policy's slots.
@@ -189,6 +212,15 @@ fn validate_policy(path: &FieldPath, spec: &PolicySpec) -> Result<RateLimitPolic
         }
         None => None,
     };
+    let adaptive = match &spec.adaptive {
+        Some(_) if fleet.is_some() => {
+            return Err(path
+                .field("adaptive")
+                .error("cannot be combined with a fleet-wide limit (\"store\") yet: each process would scale its own share"));
+        }
+        Some(a) => Some(validate_adaptive(&path.field("adaptive"), a)?),
+        None => None,
+    };
     Ok(RateLimitPolicy {
         name: spec.name.as_str().to_owned(),
         routes: spec.routes.as_ref().map(|r| r.names().to_vec()),
@@ -209,6 +241,45 @@ fn validate_policy(path: &FieldPath, spec: &PolicySpec) -> Result<RateLimitPolic
             None => default_deny(),
         },
         fleet,
+        adaptive,
+    })
+}
+
+fn validate_adaptive(path: &FieldPath, spec: &AdaptiveSpec) -> Result<AdaptiveRate, ConfigError> {
+    let floor_percent = match spec.floor {
+        Some(f) if f.get() <= 0.0 => {
+            return Err(path
+                .field("floor")
+                .error("must be more than 0 (a share of the configured rate), got 0"));
+        }
+        // A ratio in (0, 1]: 1 to 100 percent, rounded up so that a small floor stays above 0.
+        Some(f) => ((f.get() * 100.0).ceil() as u8).clamp(1, 100),
+        None => DEFAULT_FLOOR_PERCENT,
+    };
+    let target = match spec.target {
+        Some(t) if t.get() <= 0.0 => {
+            return Err(path
+                .field("target")
+                .error("must be more than 0 (a success rate), got 0"));
+        }
+        Some(t) => t.get(),
+        None => DEFAULT_TARGET,
+    };
+    let scope = match &spec.scope {
+        Some(s) if s.is_empty() => {
+            return Err(path
+                .field("scope")
+                .error("must not be empty: omit it for a global adaptive policy"));
+        }
+        Some(s) => s.clone(),
+        None => String::new(),
+    };
+    Ok(AdaptiveRate {
+        policy: spec.policy.as_str().to_owned(),
+        scope,
+        floor_percent,
+        target,
+        min_requests: spec.min_requests.map_or(DEFAULT_MIN_REQUESTS, |n| n.get()),
     })
 }
 
@@ -263,6 +334,81 @@ mod tests {
     /// The production entry point.
     fn parse(json: &str) -> Result<Vec<RateLimitPolicy>, ConfigError> {
         crate::config::load(json.as_bytes())
+    }
+
+    #[test]
+    fn adaptive_takes_its_signal_floor_and_target() {
+        let p = parse(r#"{"policies": [{"name": "api", "limit": {"requests": 100, "per": "1s", "burst": 200}, "tiers": {"key": "header:x-plan", "limits": {"gold": {"requests": 10, "per": "1s"}}}, "adaptive": {"policy": "orders", "scope": "backend", "floor": 0.2, "target": 0.9, "min_requests": 50}}]}"#).unwrap();
+        let a = p[0].adaptive.clone().unwrap();
+        assert_eq!(
+            a,
+            AdaptiveRate {
+                policy: "orders".into(),
+                scope: "backend".into(),
+                floor_percent: 20,
+                target: 0.9,
+                min_requests: 50
+            }
+        );
+        let half = p[0].at_percent(50);
+        assert_eq!(half.limiter.rate().requests, 50);
+        assert_eq!(half.limiter.rate().burst, 100);
+        assert_eq!(half.limiter_at(1).1.rate().requests, 5, "tiers scale too");
+        assert_eq!(p[0].at_percent(100).limiter.rate().requests, 100);
+        assert_eq!(
+            p[0].limiter.rate().requests,
+            100,
+            "the configured policy is unchanged"
+        );
+
+        let defaults = parse(r#"{"policies": [{"name": "api", "limit": {"requests": 10, "per": "1s"}, "adaptive": {"policy": "orders"}}]}"#).unwrap();
+        let a = defaults[0].adaptive.clone().unwrap();
+        assert_eq!(
+            (a.scope.as_str(), a.floor_percent, a.target, a.min_requests),
+            ("", 25, 0.95, 20)
+        );
+        assert_eq!(
+            parse(r#"{"policies": [{"name": "api", "limit": {"requests": 10, "per": "1s"}}]}"#)
+                .unwrap()[0]
+                .adaptive,
+            None
+        );
+    }
+
+    #[test]
+    fn adaptive_refusals_name_the_field() {
+        let base = |adaptive: &str| {
+            format!(
+                r#"{{"policies": [{{"name": "api", "limit": {{"requests": 10, "per": "1s"}}, "adaptive": {adaptive}}}]}}"#
+            )
+        };
+        let err = |adaptive: &str| parse(&base(adaptive)).unwrap_err().to_string();
+        assert!(
+            err(r#"{"scope": "x"}"#).starts_with("policies[0].adaptive.policy: required"),
+            "{}",
+            err(r#"{"scope": "x"}"#)
+        );
+        assert!(err(r#"{"policy": "o", "floor": 0}"#)
+            .starts_with("policies[0].adaptive.floor: must be more than 0"));
+        assert!(err(r#"{"policy": "o", "floor": 1.5}"#)
+            .starts_with("policies[0].adaptive.floor: must be from 0 to 1"));
+        assert!(err(r#"{"policy": "o", "target": 0}"#)
+            .starts_with("policies[0].adaptive.target: must be more than 0"));
+        assert!(err(r#"{"policy": "o", "scope": ""}"#)
+            .starts_with("policies[0].adaptive.scope: must not be empty"));
+        assert!(err(r#"{"policy": "o", "min_requests": 0}"#)
+            .starts_with("policies[0].adaptive.min_requests:"));
+        assert!(
+            err(r#"{"policy": "o", "window": "1s"}"#)
+                .starts_with("policies[0].adaptive.window: unknown field"),
+            "{}",
+            err(r#"{"policy": "o", "window": "1s"}"#)
+        );
+        let fleet = parse(r#"{"policies": [{"name": "api", "limit": {"requests": 10, "per": "1s"}, "store": {"redis": {"cluster": "webdis"}}, "adaptive": {"policy": "o"}}]}"#).unwrap_err().to_string();
+        assert!(
+            fleet.starts_with("policies[0].adaptive: cannot be combined with a fleet-wide limit"),
+            "{fleet}"
+        );
     }
 
     #[test]

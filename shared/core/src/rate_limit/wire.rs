@@ -5,7 +5,9 @@
 
 use super::fleet::FleetSpec;
 use super::policy::{MissingKey, MAX_MAX_KEYS};
-use crate::config::{Bounded, LocalReplySpec, Name, PositiveDuration, RateSpec, Routes, SortedMap};
+use crate::config::{
+    Bounded, LocalReplySpec, Name, PositiveDuration, RateSpec, Ratio, Routes, SortedMap,
+};
 use alloc::string::String;
 use alloc::vec::Vec;
 use serde::Deserialize;
@@ -56,6 +58,29 @@ pub struct PolicySpec {
     /// A fleet-wide limit kept in Redis (through Webdis); per process when absent.
     #[serde(default)]
     pub store: Option<FleetSpec>,
+    /// Scale the rate by the upstream's success rate, as the adaptive filter counts it.
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveSpec>,
+}
+
+/// An adaptive rate as written: `{"policy": "orders", "scope": "backend", "floor": 0.25}`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveSpec {
+    /// The adaptive filter's `throttle` policy whose counts are the signal (same `vm_id`).
+    pub policy: Name,
+    /// That policy's scope: the route or cluster name (its `scope`); absent for `global`.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// The lowest share of the configured rate, more than 0; default 0.25.
+    #[serde(default)]
+    pub floor: Option<Ratio>,
+    /// The success rate at and above which the full rate applies, more than 0; default 0.95.
+    #[serde(default)]
+    pub target: Option<Ratio>,
+    /// The fewest requests in the signal's window for it to count; default 20.
+    #[serde(default)]
+    pub min_requests: Option<Bounded<1, 1_000_000>>,
 }
 
 /// Tiers as written.
