@@ -663,7 +663,10 @@ fn peak_ewma_avoids_the_slow_endpoint_and_follows_when_the_slowness_moves() {
     // Both workers balance on the same shared estimates: the slow host's is the peak.
     let slow = latency_of(&host, "127.0.0.1:18093");
     let fast = latency_of(&host, "127.0.0.1:18091");
-    assert!(slow.estimate_ns > 3.0 * fast.estimate_ns, "{slow:?} {fast:?}");
+    assert!(
+        slow.estimate_ns > 3.0 * fast.estimate_ns,
+        "{slow:?} {fast:?}"
+    );
     // The slowness moves to 18091: within 5 s of virtual time the traffic has left it.
     let slow_first = [60, 10, 10];
     let moving = run_latency_load(&host, &vms, slow_first, 5);
@@ -701,6 +704,9 @@ fn peak_ewma_fails_open_when_shared_data_fails() {
         vms[0].heal_host_calls();
         run_latency_load(&host, &vms, [10, 10, 60], 2);
         let counts = run_latency_load(&host, &vms, [10, 10, 60], 5);
-        assert!(share(&counts, "127.0.0.1:18093") <= 0.10, "{call}: {counts:?}");
+        assert!(
+            share(&counts, "127.0.0.1:18093") <= 0.10,
+            "{call}: {counts:?}"
+        );
     }
 }

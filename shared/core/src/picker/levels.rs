@@ -282,9 +282,7 @@ impl Picker {
         };
         self.pick_in_level(rng, |level, usable, rng| {
             let start = level.start;
-            peak_ewma::pick_by(rng, &params, now, level.len, usable, |i| {
-                latency(start + i)
-            })
+            peak_ewma::pick_by(rng, &params, now, level.len, usable, |i| latency(start + i))
         })
     }
 
@@ -884,11 +882,7 @@ mod tests {
         // Peak EWMA: of the usable endpoints, the one with the lower latency cost; without
         // latencies (Picker::pick) it is least request.
         let params = PeakEwmaParams::default();
-        let mut pe = Picker::new(
-            Algorithm::PeakEwma(params),
-            PickerOptions::default(),
-            &eps,
-        );
+        let mut pe = Picker::new(Algorithm::PeakEwma(params), PickerOptions::default(), &eps);
         pe.set_healthy(&eps[0].address, false);
         let now = Instant::from_nanos(1_000_000);
         let measured = |ms: u64| EndpointLatency {
@@ -905,13 +899,12 @@ mod tests {
         // Priority levels apply as for the other balancers: level 1 only when 0 is down.
         let mut eps2 = endpoints(&addresses(3));
         eps2[2].priority = 1;
-        let mut pe = Picker::new(
-            Algorithm::PeakEwma(params),
-            PickerOptions::default(),
-            &eps2,
-        );
+        let mut pe = Picker::new(Algorithm::PeakEwma(params), PickerOptions::default(), &eps2);
         for _ in 0..50 {
-            assert_ne!(pe.pick_by_latency(now, &mut rng, |i| latencies[i]), Pick::Host(2));
+            assert_ne!(
+                pe.pick_by_latency(now, &mut rng, |i| latencies[i]),
+                Pick::Host(2)
+            );
         }
         pe.set_healthy(&eps2[0].address, false);
         pe.set_healthy(&eps2[1].address, false);

@@ -299,10 +299,17 @@ mod tests {
         }
         // One usable endpoint: picked without reading anything.
         let mut asked = 0;
-        let one = pick_by(&mut rng, &p, now, 3, |i| i == 2, |_| {
-            asked += 1;
-            slow
-        });
+        let one = pick_by(
+            &mut rng,
+            &p,
+            now,
+            3,
+            |i| i == 2,
+            |_| {
+                asked += 1;
+                slow
+            },
+        );
         assert_eq!((one, asked), (Some(2), 0));
     }
 
