@@ -15,7 +15,10 @@
 //!
 //! [`EndpointLatency`], little-endian: version `u8` (= 1), estimate `u64` (ns), stamp `u64` (ns, 0 = never
 //! measured), in flight `u32`. One value per endpoint, so that every worker balances on the
-//! same latencies.
+//! same latencies: the picker filter keeps it under `keel/picker/<picker>/latency/<ip:port>`
+//! ([`super::policy::PickerConfig::latency_key`]), reads the two drawn endpoints' values per pick
+//! ([`pick_by`]), counts the request in flight on the picked one, and at the response records
+//! the round trip ([`EndpointLatency::observe`]) and counts it out.
 
 use alloc::vec::Vec;
 

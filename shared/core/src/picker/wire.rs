@@ -12,7 +12,7 @@
 //!
 //! | field | meaning | default |
 //! |---|---|---|
-//! | `name` | unique; names metrics and the shared-data key `keel/picker/<name>/in_flight` | required |
+//! | `name` | unique; names metrics and the shared-data keys `keel/picker/<name>/in_flight` and (`peak_ewma`) `keel/picker/<name>/latency/<ip:port>` | required |
 //! | `key` | a selector or a list of selectors that combine ([`super::KeyHash`]) | required for `ring`, `maglev`; refused otherwise |
 //! | `algorithm` | `ring`, `maglev`, `round_robin`, `weighted`, `least_request`, `peak_ewma` | required |
 //! | `endpoints` | `[{"address": "ip:port", "weight": 1, "priority": 0, "cluster": "..."}]` | exactly one of `endpoints`, `service` |
