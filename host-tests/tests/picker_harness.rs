@@ -641,8 +641,15 @@ fn share(counts: &BTreeMap<String, usize>, address: &str) -> f64 {
 
 #[test]
 fn peak_ewma_avoids_the_slow_endpoint_and_follows_when_the_slowness_moves() {
+    for module in Module::BOTH {
+        eprintln!("module: {module:?}");
+        peak_ewma_follows_latency(module);
+    }
+}
+
+fn peak_ewma_follows_latency(module: Module) {
     let host = Host::new();
-    let vms = workers(&host, PEAK_EWMA, 2);
+    let vms = workers_in(&host, module, PEAK_EWMA, 2);
     assert!(vms[0].has_log("configured pickers: users (peak_ewma, 3 static endpoints)"));
     // Created at configuration, never measured, nothing in flight.
     for port in 18091..=18093 {
