@@ -583,3 +583,137 @@ fn a_non_ascii_key_is_hashed_as_its_bytes() {
     }
     assert!(vms[0].crashed().is_none());
 }
+
+// ----- peak EWMA: latency-aware balancing, latencies shared by the workers -----
+
+const PEAK_EWMA: &str = r#"{"pickers": [{"name": "users", "algorithm": "peak_ewma", "endpoints": [{"address": "127.0.0.1:18091"}, {"address": "127.0.0.1:18092"}, {"address": "127.0.0.1:18093"}]}]}"#;
+
+/// A virtual-time load: every 5 ms one request, alternating between the workers, answered
+/// after the scripted latency of the endpoint it was sent to (`latency_ms[port - 18091]`, a
+/// multiple of 5). Runs `seconds` of virtual time and returns the requests each endpoint got;
+/// requests still open at the end are answered first.
+fn run_latency_load(
+    host: &Host,
+    vms: &[Vm],
+    latency_ms: [u64; 3],
+    seconds: u64,
+) -> BTreeMap<String, usize> {
+    const STEP_MS: u64 = 5;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut open: Vec<(u64, HttpStream)> = Vec::new();
+    let mut t = 0u64;
+    for step in 0..seconds * 1000 / STEP_MS {
+        let s = send(&vms[step as usize % vms.len()], None);
+        assert!(s.local_reply().is_none(), "{:?}", s.local_reply());
+        let dst = s.request_header(DST).expect("the routing header is set");
+        let port: u16 = dst.rsplit(':').next().unwrap().parse().unwrap();
+        let delay = latency_ms[usize::from(port - 18091)];
+        *counts.entry(dst).or_default() += 1;
+        open.push((t + delay, s));
+        host.advance(Duration::from_millis(STEP_MS));
+        t += STEP_MS;
+        let (due, later): (Vec<_>, Vec<_>) = open.into_iter().partition(|(at, _)| *at <= t);
+        open = later;
+        for (_, s) in due {
+            s.response_headers(response(200), true);
+            s.finish();
+        }
+    }
+    for (_, s) in open {
+        s.response_headers(response(200), true);
+        s.finish();
+    }
+    counts
+}
+
+/// The latency value of `address` in shared data.
+fn latency_of(host: &Host, address: &str) -> keel_core::picker::peak_ewma::EndpointLatency {
+    let (bytes, _) = host
+        .shared_data_in("keel", &format!("keel/picker/users/latency/{address}"))
+        .expect("created before traffic");
+    keel_core::picker::peak_ewma::EndpointLatency::decode(&bytes).expect("the layout")
+}
+
+fn share(counts: &BTreeMap<String, usize>, address: &str) -> f64 {
+    let total: usize = counts.values().sum();
+    counts.get(address).copied().unwrap_or(0) as f64 / total.max(1) as f64
+}
+
+#[test]
+fn peak_ewma_avoids_the_slow_endpoint_and_follows_when_the_slowness_moves() {
+    for module in Module::BOTH {
+        eprintln!("module: {module:?}");
+        peak_ewma_follows_latency(module);
+    }
+}
+
+fn peak_ewma_follows_latency(module: Module) {
+    let host = Host::new();
+    let vms = workers_in(&host, module, PEAK_EWMA, 2);
+    assert!(vms[0].has_log("configured pickers: users (peak_ewma, 3 static endpoints)"));
+    // Created at configuration, never measured, nothing in flight.
+    for port in 18091..=18093 {
+        let e = latency_of(&host, &format!("127.0.0.1:{port}"));
+        assert_eq!((e.stamp, e.in_flight), (None, 0));
+    }
+    // 18093 answers 50 ms slower than the others. After a 2 s warm-up, at least 90 % of the
+    // requests of both workers avoid it.
+    let slow_last = [10, 10, 60];
+    run_latency_load(&host, &vms, slow_last, 2);
+    let counts = run_latency_load(&host, &vms, slow_last, 10);
+    eprintln!("18093 slow: {counts:?}");
+    assert!(share(&counts, "127.0.0.1:18093") <= 0.10, "{counts:?}");
+    assert!(
+        share(&counts, "127.0.0.1:18091") > 0.3 && share(&counts, "127.0.0.1:18092") > 0.3,
+        "the fast two share the load: {counts:?}"
+    );
+    // Both workers balance on the same shared estimates: the slow host's is the peak.
+    let slow = latency_of(&host, "127.0.0.1:18093");
+    let fast = latency_of(&host, "127.0.0.1:18091");
+    assert!(
+        slow.estimate_ns > 3.0 * fast.estimate_ns,
+        "{slow:?} {fast:?}"
+    );
+    // The slowness moves to 18091: within 5 s of virtual time the traffic has left it.
+    let slow_first = [60, 10, 10];
+    let moving = run_latency_load(&host, &vms, slow_first, 5);
+    eprintln!("moving: {moving:?}");
+    let after = run_latency_load(&host, &vms, slow_first, 5);
+    eprintln!("18091 slow: {after:?}");
+    assert!(share(&after, "127.0.0.1:18091") <= 0.10, "{after:?}");
+    // The formerly slow 18093 is taken back as its estimate comes down at the EWMA's pace
+    // (a fast sample only pulls the peak down by its weight).
+    assert!(share(&after, "127.0.0.1:18093") > 0.15, "{after:?}");
+    // Every request was counted out of flight at its response.
+    for port in 18091..=18093 {
+        assert_eq!(latency_of(&host, &format!("127.0.0.1:{port}")).in_flight, 0);
+    }
+    assert_eq!(host.counter("keel.picker.users.shared_data_errors"), 0);
+}
+
+#[test]
+fn peak_ewma_fails_open_when_shared_data_fails() {
+    use keel_host_tests::harness::Status;
+    for call in ["proxy_get_shared_data", "proxy_set_shared_data"] {
+        let host = Host::new();
+        let vms = workers(&host, PEAK_EWMA, 1);
+        vms[0].fail_host_call(call, Status::InternalFailure);
+        // Every request still gets a host, all three are used, nothing traps.
+        let counts = run_latency_load(&host, &vms, [10, 10, 60], 1);
+        assert_eq!(counts.values().sum::<usize>(), 200, "{call}: {counts:?}");
+        assert_eq!(counts.len(), 3, "{call}: {counts:?}");
+        assert!(vms[0].crashed().is_none(), "{call}");
+        assert!(
+            host.counter("keel.picker.users.shared_data_errors") >= 200,
+            "{call}: the failures are counted"
+        );
+        // The host recovers: the slow endpoint is avoided again.
+        vms[0].heal_host_calls();
+        run_latency_load(&host, &vms, [10, 10, 60], 2);
+        let counts = run_latency_load(&host, &vms, [10, 10, 60], 5);
+        assert!(
+            share(&counts, "127.0.0.1:18093") <= 0.10,
+            "{call}: {counts:?}"
+        );
+    }
+}

@@ -18,7 +18,9 @@
 //!
 //! Host capabilities: request header maps (required). Shared data for a `service` source
 //! (without it nothing is published: every request gets 503) and for bounded loads and
-//! `least_request` (without it the pick ignores loads and counts `shared_data_errors`).
+//! `least_request` (without it the pick ignores loads and counts `shared_data_errors`), and for
+//! `peak_ewma` (each endpoint's latency estimate and load; without it the pick is a plain
+//! power of two choices and counts `shared_data_errors`).
 //! Response headers for the sticky cookie; `on_log` to count a bounded-load request out.
 //! Ticks to publish the pick counters (without them each pick is counted at once).
 
@@ -30,11 +32,13 @@ use keel_core::circuit_breaker::steer::{host_state_key, steering};
 use keel_core::config;
 use keel_core::picker::bounded::{self, BoundedPick};
 use keel_core::picker::failover::{encode_hosts, HOSTS_PROPERTY, MAX_HOSTS};
+use keel_core::picker::peak_ewma::{EndpointLatency, PeakEwmaParams};
 use keel_core::picker::policy::{EndpointSource, FilterConfig, PickerConfig};
 use keel_core::picker::{Algorithm, InFlight, MirrorOutcome, Pick, Picker, ServiceMirror};
 use keel_core::rand::{Rng, SeededRng};
 use keel_core::routes;
 use keel_core::store::SharedStore;
+use keel_core::time::Instant;
 use keel_proxy::metrics::{Counter, Family, Gauge, Tally};
 use keel_proxy::reply::LocalReply;
 use keel_proxy::stage::Stage;
@@ -135,6 +139,9 @@ struct Table {
     /// The shared-data key of each endpoint's breaker state (aligned likewise), when the
     /// picker follows a per-host breaker.
     breaker_keys: Vec<String>,
+    /// The shared-data key of each endpoint's latency estimate (aligned likewise), for
+    /// `peak_ewma`.
+    latency_keys: Vec<String>,
     in_panic: bool,
     /// Whether "nothing published" was logged since the last good set.
     missing_logged: bool,
@@ -146,6 +153,9 @@ struct Slot {
     in_flight_key: String,
     /// Whether the pick reads and counts in-flight requests (bounded loads, least request).
     tracks_in_flight: bool,
+    /// The parameters of `peak_ewma`: the pick reads the endpoints' latencies, the response
+    /// records its round trip.
+    peak_ewma: Option<PeakEwmaParams>,
     /// Headers of other pickers that this one does not set: removed when it applies.
     strip: Vec<String>,
     table: RefCell<Table>,
@@ -174,6 +184,7 @@ impl Slot {
         let mut table = Table {
             picks: Vec::new(),
             breaker_keys: Vec::new(),
+            latency_keys: Vec::new(),
             in_panic: false,
             missing_logged: false,
             picker,
@@ -182,24 +193,20 @@ impl Slot {
         if table.mirror.is_none() {
             metrics.rebuilds.increment(1);
         }
-        refresh_view(
-            &metrics,
-            &mut table,
-            config.breaker.as_ref().map(|b| b.name.as_str()),
-        );
+        refresh_view(&metrics, &mut table, &config);
         Slot {
             in_flight_key: config.in_flight_key(),
             tracks_in_flight: config.options.balance_factor.is_some()
                 || config.algorithm == Algorithm::LeastRequest,
+            peak_ewma: match config.algorithm {
+                Algorithm::PeakEwma(params) => Some(params),
+                _ => None,
+            },
             strip,
             table: RefCell::new(table),
             metrics,
             config,
         }
-    }
-
-    fn breaker_name(&self) -> Option<&str> {
-        self.config.breaker.as_ref().map(|b| b.name.as_str())
     }
 
     /// The endpoints (indexes of the picker's list) whose breaker refuses calls now: closed
@@ -243,7 +250,7 @@ impl Slot {
                 m.set_updates.increment(1);
                 m.rebuilds.increment(rebuilt as u64);
                 table.missing_logged = false;
-                refresh_view(m, table, self.breaker_name());
+                refresh_view(m, table, &self.config);
                 log::debug(
                     FILTER,
                     &format!(
@@ -287,8 +294,10 @@ fn flush_picks(table: &mut Table) {
     }
 }
 
-/// After the endpoints changed: per-endpoint counters, breaker keys, gauges, panic entry.
-fn refresh_view(metrics: &Metrics, table: &mut Table, breaker: Option<&str>) {
+/// After the endpoints changed: per-endpoint counters, breaker keys, latency keys (created
+/// before the endpoints' first requests), gauges, panic entry.
+fn refresh_view(metrics: &Metrics, table: &mut Table, config: &PickerConfig) {
+    let breaker = config.breaker.as_ref().map(|b| b.name.as_str());
     flush_picks(table);
     table.picks = metrics
         .pick_counters(&table.picker)
@@ -304,6 +313,16 @@ fn refresh_view(metrics: &Metrics, table: &mut Table, breaker: Option<&str>) {
             .collect(),
         None => Vec::new(),
     };
+    table.latency_keys = match config.algorithm {
+        Algorithm::PeakEwma(_) => table
+            .picker
+            .endpoints()
+            .iter()
+            .map(|e| config.latency_key(&e.address))
+            .collect(),
+        _ => Vec::new(),
+    };
+    prepare_latencies(config, metrics, &table.latency_keys);
     let endpoints = table.picker.endpoints();
     metrics.endpoints.set(endpoints.len() as u64);
     metrics
@@ -409,6 +428,7 @@ impl RootContext for PickerRoot {
             rng: Rc::clone(&self.rng),
             set_cookie: None,
             in_flight: None,
+            round_trip: None,
         }))
     }
 
@@ -425,6 +445,7 @@ fn describe(slot: &Slot) -> String {
         Algorithm::RoundRobin => "round_robin",
         Algorithm::Weighted => "weighted",
         Algorithm::LeastRequest => "least_request",
+        Algorithm::PeakEwma(_) => "peak_ewma",
     };
     let source = match &slot.config.source {
         EndpointSource::Static(list) => format!("{} static endpoints", list.len()),
@@ -443,6 +464,27 @@ fn prepare_in_flight(slot: &Slot) {
                 "{}: could not create its in-flight table in shared data; loads are ignored \
                  until it can",
                 slot.config.name
+            ),
+        );
+    }
+}
+
+/// Creates each endpoint's latency value before its traffic (as [`prepare_in_flight`]); a key
+/// that already exists (another worker's, or an endpoint that left and came back) is kept.
+fn prepare_latencies(config: &PickerConfig, metrics: &Metrics, keys: &[String]) {
+    let fresh = EndpointLatency::default().encode();
+    let failed = keys
+        .iter()
+        .filter(|key| store::ensure(key, &fresh).is_err())
+        .count();
+    if failed > 0 {
+        metrics.shared_data_errors.increment(failed as u64);
+        log::warn(
+            FILTER,
+            &format!(
+                "{}: could not create {failed} latency value(s) in shared data; those endpoints \
+                 count as never measured until it can",
+                config.name
             ),
         );
     }
@@ -476,6 +518,20 @@ struct PickerStream {
     set_cookie: Option<String>,
     /// `(slot index, address)` counted in flight, to count out when the stream ends.
     in_flight: Option<(usize, String)>,
+    /// A `peak_ewma` pick whose round trip is recorded at the response headers (or the
+    /// stream's end, if no response came).
+    round_trip: Option<RoundTrip>,
+}
+
+/// What a `peak_ewma` pick leaves for its response.
+struct RoundTrip {
+    slot: usize,
+    /// The picked endpoint's latency key.
+    key: String,
+    /// When the pick was made: the round trip runs from here to the response headers.
+    start: Instant,
+    /// Whether the request was counted in flight (the update may have failed).
+    counted: bool,
 }
 
 impl Context for PickerStream {}
@@ -583,10 +639,12 @@ impl HttpContext for PickerStream {
         if let Some(cookie) = self.set_cookie.take() {
             request::add_response_header("set-cookie", &cookie);
         }
+        self.record_round_trip();
         Action::Continue
     }
 
     fn on_log(&mut self) {
+        self.record_round_trip();
         let Some((index, address)) = self.in_flight.take() else {
             return;
         };
@@ -609,6 +667,9 @@ impl PickerStream {
         hash: Option<u64>,
         rng: &mut SeededRng,
     ) -> Pick {
+        if slot.peak_ewma.is_some() {
+            return self.pick_by_latency(index, slot, table, rng);
+        }
         if !slot.tracks_in_flight {
             return table.picker.pick(hash, &[], rng);
         }
@@ -661,5 +722,79 @@ impl PickerStream {
             }
         }
         pick
+    }
+
+    /// Peak EWMA: the two drawn endpoints' latencies read from shared data (one read each; a
+    /// failed read counts the endpoint as never measured, so the pick degrades to plain two
+    /// choices), then the picked one counted in flight in one update.
+    fn pick_by_latency(
+        &mut self,
+        index: usize,
+        slot: &Slot,
+        table: &mut Table,
+        rng: &mut SeededRng,
+    ) -> Pick {
+        let now = clock::now();
+        let keys = &table.latency_keys;
+        let errors = &slot.metrics.shared_data_errors;
+        let pick = table.picker.pick_by_latency(now, rng, |i| {
+            let Some(key) = keys.get(i) else {
+                return EndpointLatency::default();
+            };
+            match HostStore.get(key) {
+                Ok(found) => found
+                    .and_then(|(bytes, _)| EndpointLatency::decode(&bytes))
+                    .unwrap_or_default(),
+                Err(_) => {
+                    errors.increment(1);
+                    EndpointLatency::default()
+                }
+            }
+        });
+        if let Some(key) = match pick {
+            Pick::Host(i) => keys.get(i),
+            Pick::NoHost => None,
+        } {
+            let counted = store::update(key, errors, |old| {
+                let mut e = old.and_then(EndpointLatency::decode).unwrap_or_default();
+                e.in_flight = e.in_flight.saturating_add(1);
+                (Some(e.encode()), ())
+            })
+            .is_ok();
+            self.round_trip = Some(RoundTrip {
+                slot: index,
+                key: key.clone(),
+                start: now,
+                counted,
+            });
+        }
+        pick
+    }
+
+    /// Records the round trip of a `peak_ewma` pick into its endpoint's estimate and counts
+    /// it out of flight, once: at the response headers, or at the stream's end when no
+    /// response came (a reset or timeout then counts with the time it took).
+    fn record_round_trip(&mut self) {
+        let Some(trip) = self.round_trip.take() else {
+            return;
+        };
+        let Some(slot) = self.filter.slots.get(trip.slot) else {
+            return;
+        };
+        let Some(params) = slot.peak_ewma else {
+            return;
+        };
+        let now = clock::now();
+        let rtt = now.saturating_since(trip.start);
+        let errors = &slot.metrics.shared_data_errors;
+        // A failed update was counted in `shared_data_errors`; the sample is lost.
+        let _ = store::update(&trip.key, errors, |old| {
+            let mut e = old.and_then(EndpointLatency::decode).unwrap_or_default();
+            e.observe(&params, now, rtt);
+            if trip.counted {
+                e.in_flight = e.in_flight.saturating_sub(1);
+            }
+            (Some(e.encode()), ())
+        });
     }
 }

@@ -15,10 +15,12 @@ use alloc::vec::Vec;
 use super::balancer::{least_request, RoundRobin, SmoothWeighted};
 use super::bounded::BalanceFactor;
 use super::maglev::{MaglevTable, TableSize};
+use super::peak_ewma::{self, EndpointLatency, PeakEwmaParams};
 use super::ring::{Ring, RingParams};
 use super::select::{LevelHealth, PanicThreshold, PriorityLoad};
 use super::{Endpoint, Pick};
 use crate::rand::Rng;
+use crate::time::Instant;
 
 /// How a picker chooses among a level's endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +35,10 @@ pub enum Algorithm {
     Weighted,
     /// Least request by the power of two choices, no key.
     LeastRequest,
+    /// Peak-EWMA latency times load by the power of two choices ([`super::peak_ewma`]), no
+    /// key: picked with [`Picker::pick_by_latency`]; [`Picker::pick`] falls back to least
+    /// request.
+    PeakEwma(PeakEwmaParams),
 }
 
 impl Algorithm {
@@ -248,11 +254,49 @@ impl Picker {
             let hash = key.unwrap_or_else(|| rng.next_u64());
             return self.pick_hash(hash, in_flight);
         }
+        let algorithm = self.algorithm;
+        self.pick_in_level(rng, |level, usable, rng| match algorithm {
+            Algorithm::RoundRobin => level.round_robin.pick(level.len, usable),
+            Algorithm::Weighted => level.weighted.pick(&level.weights, usable),
+            _ => {
+                let loads = in_flight.get(level.start..).unwrap_or(&[]);
+                least_request(rng, &level.weights, loads, usable)
+            }
+        })
+    }
+
+    /// Picks by peak-EWMA cost ([`peak_ewma::pick_by`]) at `now`: a priority level as
+    /// [`Picker::pick`] chooses it, then of two usable endpoints of it drawn at random the
+    /// cheaper. `latency(i)` gives endpoint `i`'s (of [`Picker::endpoints`]) estimate and load;
+    /// it is asked for the two drawn endpoints only. The parameters are those of
+    /// [`Algorithm::PeakEwma`] (the defaults for another algorithm).
+    pub fn pick_by_latency(
+        &mut self,
+        now: Instant,
+        rng: &mut impl Rng,
+        mut latency: impl FnMut(usize) -> EndpointLatency,
+    ) -> Pick {
+        let params = match self.algorithm {
+            Algorithm::PeakEwma(params) => params,
+            _ => PeakEwmaParams::default(),
+        };
+        self.pick_in_level(rng, |level, usable, rng| {
+            let start = level.start;
+            peak_ewma::pick_by(rng, &params, now, level.len, usable, |i| latency(start + i))
+        })
+    }
+
+    /// Chooses a priority level by the priority load, then an endpoint of it with `choose`
+    /// (given the level, which of its endpoints are usable, by local index, and `rng`).
+    fn pick_in_level<R: Rng>(
+        &mut self,
+        rng: &mut R,
+        choose: impl FnOnce(&mut Level, &dyn Fn(usize) -> bool, &mut R) -> Option<usize>,
+    ) -> Pick {
         let Some(li) = self.load.choose(rng.below(100)) else {
             return Pick::NoHost;
         };
         let panic = self.load.in_panic(li);
-        let algorithm = self.algorithm;
         let Some(level) = self.levels.get_mut(li) else {
             return Pick::NoHost;
         };
@@ -261,14 +305,7 @@ impl Picker {
             .get(level.start..level.start + level.len)
             .unwrap_or(&[]);
         let usable = |i: usize| panic || eps.get(i).is_some_and(|e| e.healthy);
-        let local = match algorithm {
-            Algorithm::RoundRobin => level.round_robin.pick(level.len, usable),
-            Algorithm::Weighted => level.weighted.pick(&level.weights, usable),
-            _ => {
-                let loads = in_flight.get(level.start..).unwrap_or(&[]);
-                least_request(rng, &level.weights, loads, usable)
-            }
-        };
+        let local = choose(level, &usable, rng);
         local.map_or(Pick::NoHost, |i| Pick::Host(level.start + i))
     }
 
@@ -842,6 +879,39 @@ mod tests {
             // 0 is unhealthy; of 1 and 2, 2 is idle.
             assert_eq!(lr.pick(Some(1), &[0, 5, 0], &mut rng), Pick::Host(2));
         }
+        // Peak EWMA: of the usable endpoints, the one with the lower latency cost; without
+        // latencies (Picker::pick) it is least request.
+        let params = PeakEwmaParams::default();
+        let mut pe = Picker::new(Algorithm::PeakEwma(params), PickerOptions::default(), &eps);
+        pe.set_healthy(&eps[0].address, false);
+        let now = Instant::from_nanos(1_000_000);
+        let measured = |ms: u64| EndpointLatency {
+            estimate_ns: (ms * 1_000_000) as f64,
+            stamp: Some(now),
+            in_flight: 0,
+        };
+        let latencies = [measured(1), measured(80), measured(5)];
+        for _ in 0..50 {
+            let got = pe.pick_by_latency(now, &mut rng, |i| latencies[i]);
+            assert_eq!(got, Pick::Host(2), "1 ms is unhealthy; 5 ms beats 80 ms");
+            assert_eq!(pe.pick(None, &[0, 5, 0], &mut rng), Pick::Host(2));
+        }
+        // Priority levels apply as for the other balancers: level 1 only when 0 is down.
+        let mut eps2 = endpoints(&addresses(3));
+        eps2[2].priority = 1;
+        let mut pe = Picker::new(Algorithm::PeakEwma(params), PickerOptions::default(), &eps2);
+        for _ in 0..50 {
+            assert_ne!(
+                pe.pick_by_latency(now, &mut rng, |i| latencies[i]),
+                Pick::Host(2)
+            );
+        }
+        pe.set_healthy(&eps2[0].address, false);
+        pe.set_healthy(&eps2[1].address, false);
+        assert_eq!(
+            pe.pick_by_latency(now, &mut rng, |i| latencies[i]),
+            Pick::Host(2)
+        );
         // Hashing pickers without a key pick at random, but still a usable endpoint.
         let mut h = Picker::new(ring(), PickerOptions::default(), &eps);
         h.set_healthy(&eps[1].address, false);

@@ -11,6 +11,7 @@
 //! | [`maglev`] | prime-sized lookup table, weights by turn skipping | Maglev paper, Envoy Maglev |
 //! | [`bounded`] | no endpoint over `ceil(c × average)` in flight; in-flight counts in shared data | Mirrokni, Thorup, Zadimoghaddam |
 //! | [`balancer`] | round robin, smooth weighted round robin, least request (P2C) | nginx, Envoy, tower `p2c` |
+//! | [`peak_ewma`] | latency-aware P2C: peak-EWMA round trip × (in flight + 1), per endpoint in shared data | Finagle, Linkerd, tower `PeakEwma` |
 //! | [`select`] | health, panic threshold, priority levels with overprovisioning 1.4 | Envoy |
 //! | [`levels`] | an endpoint set split into levels, each with its ring, table or balancer | |
 //! | [`service`] | a picker following the endpoint set discovery publishes, rebuilt per version | |
@@ -29,6 +30,9 @@
 //!    [`policy::PickerConfig::in_flight_key`], and counts the request in flight in one
 //!    compare-and-swap; [`bounded::release`] when it ends). For [`Pick::Host`] the glue sets
 //!    [`policy::Target::header`] to [`policy::Target::value`] of that endpoint.
+//!    For `peak_ewma`, [`Picker::pick_by_latency`] instead, given the drawn endpoints'
+//!    [`peak_ewma::EndpointLatency`] values (key [`policy::PickerConfig::latency_key`]); the
+//!    response records the round trip into the picked endpoint's value.
 //!
 //! # The hash
 //!

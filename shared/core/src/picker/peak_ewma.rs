@@ -15,7 +15,10 @@
 //!
 //! [`EndpointLatency`], little-endian: version `u8` (= 1), estimate `u64` (ns), stamp `u64` (ns, 0 = never
 //! measured), in flight `u32`. One value per endpoint, so that every worker balances on the
-//! same latencies.
+//! same latencies: the picker filter keeps it under `keel/picker/<picker>/latency/<ip:port>`
+//! ([`super::policy::PickerConfig::latency_key`]), reads the two drawn endpoints' values per pick
+//! ([`pick_by`]), counts the request in flight on the picked one, and at the response records
+//! the round trip ([`EndpointLatency::observe`]) and counts it out.
 
 use alloc::vec::Vec;
 
@@ -131,7 +134,24 @@ pub fn pick(
     endpoints: &[EndpointLatency],
     usable: impl Fn(usize) -> bool,
 ) -> Option<usize> {
-    let candidates: Vec<usize> = (0..endpoints.len()).filter(|&i| usable(i)).collect();
+    pick_by(rng, p, now, endpoints.len(), usable, |i| {
+        endpoints.get(i).copied().unwrap_or_default()
+    })
+}
+
+/// [`pick`] over `len` endpoints whose latencies `latency` gives on demand: it is asked for
+/// the two drawn endpoints only (none when one endpoint is usable), so a caller that keeps each
+/// endpoint's [`EndpointLatency`] under its own shared-data key reads two values per pick, not
+/// all of them.
+pub fn pick_by(
+    rng: &mut impl Rng,
+    p: &PeakEwmaParams,
+    now: Instant,
+    len: usize,
+    usable: impl Fn(usize) -> bool,
+    mut latency: impl FnMut(usize) -> EndpointLatency,
+) -> Option<usize> {
+    let candidates: Vec<usize> = (0..len).filter(|&i| usable(i)).collect();
     let n = candidates.len() as u64;
     let first = rng.below(n) as usize;
     let a = *candidates.get(first)?;
@@ -143,8 +163,9 @@ pub fn pick(
         second += 1;
     }
     let b = *candidates.get(second)?;
-    let cost = |i: usize| endpoints.get(i).map_or(f64::MAX, |e| e.cost(p, now));
-    Some(if cost(a) <= cost(b) { a } else { b })
+    let cost_a = latency(a).cost(p, now);
+    let cost_b = latency(b).cost(p, now);
+    Some(if cost_a <= cost_b { a } else { b })
 }
 
 #[cfg(test)]
@@ -243,6 +264,56 @@ mod tests {
             assert_eq!(pick(&mut rng, &p, now, &[busy, fast], |i| i == 0), Some(0));
         }
         assert_eq!(pick(&mut rng, &p, now, &[busy], |_| false), None);
+    }
+
+    #[test]
+    fn pick_by_asks_only_for_the_two_drawn_endpoints() {
+        let p = PeakEwmaParams::default();
+        let now = Instant::from_nanos(1_000);
+        let slow = EndpointLatency {
+            estimate_ns: 50e6,
+            stamp: Some(now),
+            in_flight: 0,
+        };
+        let mut rng = SeededRng::new(4);
+        for _ in 0..100 {
+            let mut asked = alloc::vec::Vec::new();
+            let got = pick_by(
+                &mut rng,
+                &p,
+                now,
+                5,
+                |i| i != 4,
+                |i| {
+                    asked.push(i);
+                    if i == 0 {
+                        slow
+                    } else {
+                        EndpointLatency::default()
+                    }
+                },
+            )
+            .unwrap();
+            assert_eq!(asked.len(), 2, "{asked:?}");
+            assert_ne!(asked[0], asked[1]);
+            assert!(!asked.contains(&4), "an unusable endpoint was read");
+            assert!(asked.contains(&got));
+            assert_ne!(got, 0, "the slow endpoint lost to a 30 ms default");
+        }
+        // One usable endpoint: picked without reading anything.
+        let mut asked = 0;
+        let one = pick_by(
+            &mut rng,
+            &p,
+            now,
+            3,
+            |i| i == 2,
+            |_| {
+                asked += 1;
+                slow
+            },
+        );
+        assert_eq!((one, asked), (Some(2), 0));
     }
 
     #[test]

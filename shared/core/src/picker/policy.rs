@@ -11,6 +11,7 @@ use core::net::SocketAddr;
 use super::bounded::BalanceFactor;
 use super::levels::{Algorithm, Picker, PickerOptions};
 use super::maglev::{TableSize, MAX_TABLE_SIZE};
+use super::peak_ewma::PeakEwmaParams;
 use super::ring::RingParams;
 use super::select::PanicThreshold;
 use super::wire::{AlgorithmName, EndpointSpec, FilterSpec, KeySpec, ModeName, PickerSpec};
@@ -217,6 +218,12 @@ impl PickerConfig {
     pub fn in_flight_key(&self) -> String {
         format!("keel/picker/{}/in_flight", self.name)
     }
+
+    /// The shared-data key of the latency estimate and load of this picker's endpoint at
+    /// `address` (an [`super::peak_ewma::EndpointLatency`]), for algorithm `peak_ewma`.
+    pub fn latency_key(&self, address: &str) -> String {
+        format!("keel/picker/{}/latency/{address}", self.name)
+    }
 }
 
 impl Validate for FilterConfig {
@@ -288,7 +295,22 @@ fn validate_picker(path: &FieldPath, spec: &PickerSpec) -> Result<PickerConfig, 
         AlgorithmName::RoundRobin => Algorithm::RoundRobin,
         AlgorithmName::Weighted => Algorithm::Weighted,
         AlgorithmName::LeastRequest => Algorithm::LeastRequest,
+        AlgorithmName::PeakEwma => {
+            let mut params = PeakEwmaParams::default();
+            if let Some(p) = &spec.peak_ewma {
+                if let Some(decay) = p.decay {
+                    params.decay = decay.0;
+                }
+                if let Some(rtt) = p.default_rtt {
+                    params.default_rtt = rtt.0;
+                }
+            }
+            Algorithm::PeakEwma(params)
+        }
     };
+    if spec.peak_ewma.is_some() && algorithm_name != AlgorithmName::PeakEwma {
+        return Err(only_for("peak_ewma", "algorithm \"peak_ewma\""));
+    }
     if spec.ring_size.is_some() && algorithm_name != AlgorithmName::Ring {
         return Err(only_for("ring_size", "algorithm \"ring\""));
     }
@@ -716,6 +738,78 @@ mod tests {
         let h = from_json(&with(r#""header": "X-Dst", "endpoint_header": "X-Picked""#)).unwrap();
         assert_eq!(h.pickers[0].target.header(), "x-dst");
         assert_eq!(h.pickers[0].endpoint_header.as_deref(), Some("x-picked"));
+    }
+
+    #[test]
+    fn peak_ewma_takes_its_durations_and_refuses_what_does_not_apply() {
+        let plain = from_json(&with(r#""algorithm": "peak_ewma", "key": null"#)).unwrap();
+        let p = &plain.pickers[0];
+        assert_eq!(p.algorithm, Algorithm::PeakEwma(PeakEwmaParams::default()));
+        assert!(p.key.is_empty());
+        assert_eq!(
+            p.latency_key("127.0.0.1:18091"),
+            "keel/picker/users/latency/127.0.0.1:18091"
+        );
+        let tuned = from_json(&with(
+            r#""algorithm": "peak_ewma", "key": null,
+               "peak_ewma": {"decay": "2s", "default_rtt": "5ms"}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            tuned.pickers[0].algorithm,
+            Algorithm::PeakEwma(PeakEwmaParams {
+                decay: Duration::from_secs(2),
+                default_rtt: Duration::from_millis(5),
+            })
+        );
+        let half = from_json(&with(
+            r#""algorithm": "peak_ewma", "key": null, "peak_ewma": {"default_rtt": "1ms"}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            half.pickers[0].algorithm,
+            Algorithm::PeakEwma(PeakEwmaParams {
+                default_rtt: Duration::from_millis(1),
+                ..PeakEwmaParams::default()
+            })
+        );
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                r#""algorithm": "peak_ewma""#,
+                "pickers[0].key",
+                "the hashing algorithms",
+            ),
+            (
+                r#""peak_ewma": {"decay": "1s"}"#,
+                "pickers[0].peak_ewma",
+                "algorithm \"peak_ewma\" only",
+            ),
+            (
+                r#""algorithm": "peak_ewma", "key": null, "peak_ewma": {"decay": "0s"}"#,
+                "pickers[0].peak_ewma.decay",
+                "",
+            ),
+            (
+                r#""algorithm": "peak_ewma", "key": null, "peak_ewma": {"default_rtt": "fast"}"#,
+                "pickers[0].peak_ewma.default_rtt",
+                "",
+            ),
+            (
+                r#""algorithm": "peak_ewma", "key": null, "peak_ewma": {"decay": "1s", "alpha": 1}"#,
+                "pickers[0].peak_ewma.alpha",
+                "unknown field",
+            ),
+            (
+                r#""algorithm": "peak_ewma", "key": null, "balance_factor": 1.5"#,
+                "pickers[0].balance_factor",
+                "",
+            ),
+        ];
+        for (fields, path, text) in cases {
+            let e = error(&with(fields));
+            assert_eq!(e.path, *path, "{fields}: {e}");
+            assert!(e.to_string().contains(text), "{fields}: {e}");
+        }
     }
 
     #[test]

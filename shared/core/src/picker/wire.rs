@@ -12,14 +12,15 @@
 //!
 //! | field | meaning | default |
 //! |---|---|---|
-//! | `name` | unique; names metrics and the shared-data key `keel/picker/<name>/in_flight` | required |
+//! | `name` | unique; names metrics and the shared-data keys `keel/picker/<name>/in_flight` and (`peak_ewma`) `keel/picker/<name>/latency/<ip:port>` | required |
 //! | `key` | a selector or a list of selectors that combine ([`super::KeyHash`]) | required for `ring`, `maglev`; refused otherwise |
-//! | `algorithm` | `ring`, `maglev`, `round_robin`, `weighted`, `least_request` | required |
+//! | `algorithm` | `ring`, `maglev`, `round_robin`, `weighted`, `least_request`, `peak_ewma` | required |
 //! | `endpoints` | `[{"address": "ip:port", "weight": 1, "priority": 0, "cluster": "..."}]` | exactly one of `endpoints`, `service` |
 //! | `service` | take the endpoint set the discovery filter publishes for this service | |
 //! | `routes` | Envoy route names the picker applies to | all routes |
 //! | `ring_size` | ring points per unit of weight (`ring` only; at most 1,048,576 points in all; see [`super::ring`]) | 512 |
 //! | `table_size` | Maglev table size, a prime (`maglev` only) | 65537 |
+//! | `peak_ewma` | `{"decay": "10s", "default_rtt": "30ms"}`: the latency estimate's decay time constant and the estimate of an endpoint never measured (`peak_ewma` only; see [`super::peak_ewma`]) | `10s`, `30ms` |
 //! | `balance_factor` | bounded loads, e.g. 1.25 (`ring`, `maglev` only) | off |
 //! | `panic_threshold` | healthy fraction under which a level uses all its endpoints | 0.5 |
 //! | `mode` | `original_dst` (set `header` to the address) or `cluster_header` | `original_dst` |
@@ -45,7 +46,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::ring::MAX_POINTS_PER_WEIGHT;
-use crate::config::{AnyDuration, Bounded, HeaderName, Name, Routes};
+use crate::config::{AnyDuration, Bounded, HeaderName, Name, PositiveDuration, Routes};
 
 /// The filter's JSON: `{"pickers": [...]}`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -81,6 +82,9 @@ pub struct PickerSpec {
     /// Maglev table size.
     #[serde(default)]
     pub table_size: Option<u32>,
+    /// Peak-EWMA parameters.
+    #[serde(default)]
+    pub peak_ewma: Option<PeakEwmaSpec>,
     /// Bounded-load factor.
     #[serde(default)]
     pub balance_factor: Option<f64>,
@@ -125,6 +129,18 @@ pub struct BreakerLinkSpec {
     pub half_open_probes: Option<Bounded<1, 1000>>,
 }
 
+/// `{"decay": "10s", "default_rtt": "30ms"}`: the parameters of algorithm `peak_ewma`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeakEwmaSpec {
+    /// The time constant the latency estimate decays with (default 10 s).
+    #[serde(default)]
+    pub decay: Option<PositiveDuration>,
+    /// The estimate of an endpoint never measured (default 30 ms).
+    #[serde(default)]
+    pub default_rtt: Option<PositiveDuration>,
+}
+
 /// `"header:x-user"` or `["header:x-user", "cookie:sid"]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeySpec(pub Vec<String>);
@@ -166,6 +182,8 @@ pub enum AlgorithmName {
     Weighted,
     /// `"least_request"`
     LeastRequest,
+    /// `"peak_ewma"`
+    PeakEwma,
 }
 
 impl AlgorithmName {
@@ -177,6 +195,7 @@ impl AlgorithmName {
             AlgorithmName::RoundRobin => "round_robin",
             AlgorithmName::Weighted => "weighted",
             AlgorithmName::LeastRequest => "least_request",
+            AlgorithmName::PeakEwma => "peak_ewma",
         }
     }
 }
