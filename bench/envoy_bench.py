@@ -590,6 +590,11 @@ def measure(envoy: Envoy, load: Load, seconds: int, envoy_core: int) -> dict:
             row["problems"].append(f"counter *{suffix} not found in /stats")
         elif grown < completed:
             row["problems"].append(f"counter *{suffix} grew by {grown}, fewer than the {completed} requests")
+    for suffix in envoy.scenario.quiet_counters + envoy.scenario.noted_counters:
+        grown = sum(after[n] - before.get(n, 0) for n in after if n.endswith(suffix))
+        row.setdefault("counters", {})[suffix] = grown
+        if suffix in envoy.scenario.quiet_counters and grown:
+            row["problems"].append(f"counter *{suffix} grew by {grown}: the window did not measure the path meant")
     return row
 
 
