@@ -25,6 +25,9 @@ Phases, each bounded in time, while a steady load runs on /api/, /users/ and /st
      orders upstream (18085); one keyed POST runs upstream once, repeats while it is in flight
      get 409 with Retry-After, the repeat after it gets the stored answer byte for byte, the key
      with another body 422
+  g. adaptive protection: an Envoy with envoy/adaptive.yaml (listener 10031) in front of an
+     upstream of 20 workers at 10 ms each (18086), offered three times its capacity by keel-load;
+     then the service time doubles and Keel's concurrency limit follows
 
 Everything started is stopped at the end, on Ctrl-C and on failure.
 """
@@ -67,6 +70,8 @@ FLEET_REDIS, FLEET_WEBDIS = 16379, 17379  # phase e
 FLEET_ENVOYS = [(10011, 9911), (10012, 9912)]  # phase e: (listener, admin) per process
 ORDERS_PORT, ORDERS_ENVOY = 18085, (10021, 9921)  # phase f: the orders upstream, (listener, admin)
 ORDERS_DELAY_S = 1.5  # phase f: the upstream's service time, so that repeats meet the first in flight
+BACKEND_PORT, ADAPTIVE_ENVOY = 18086, (10031, 9931)  # phase g: the capacity-mode upstream, (listener, admin)
+BACKEND_WORKERS, BACKEND_SERVICE_MS = 20, 10  # phase g: 20 at once, 10 ms each: 2000 requests/s
 
 PHASES = [
     ("a", "steady state", 10.0),
@@ -829,6 +834,71 @@ def phase_f(demo: Demo, envoy: Path) -> None:
     procs.stop("orders")
 
 
+def phase_g(demo: Demo, envoy: Path) -> None:
+    """Adaptive protection: Keel's concurrency limit in front of an overloaded upstream that
+    then slows down."""
+    procs, work = demo.procs, demo.work
+    load_bin = demo.upstream_bin.with_name("keel-load")
+    if not load_bin.is_file():
+        raise DemoError(f"{load_bin} not found (cargo build --release -p keel-upstream builds it)")
+    demo.start_upstream("backend", BACKEND_PORT)
+
+    def capacity(service_ms: int) -> None:
+        control(BACKEND_PORT, "capacity", {"concurrency": BACKEND_WORKERS, "service": f"{service_ms}ms", "queue": 200})
+
+    capacity(BACKEND_SERVICE_MS)
+    listener, admin = ADAPTIVE_ENVOY
+    text = (ROOT / "envoy" / "adaptive.yaml").read_text()
+    # The flaky cluster gets no request here; its port points at nothing.
+    for old, new in (("port_value: 10000", f"port_value: {listener}"), ("port_value: 9901", f"port_value: {admin}"),
+                     ("port_value: 18080", f"port_value: {BACKEND_PORT}"), ("port_value: 18081", "port_value: 1")):
+        if old not in text:
+            raise DemoError(f"envoy/adaptive.yaml: {old!r} not found")
+        text = text.replace(old, new)
+    config = work / "adaptive-envoy.yaml"
+    config.write_text(text)
+    procs.start("adaptive-envoy", [str(envoy), "-c", str(config), "--concurrency", "2",
+                                   "--disable-hot-restart", "--log-level", "warn"])
+    wait_until("adaptive Envoy ready",
+               lambda: admin_get("/ready", ("127.0.0.1", admin)).body.strip() == b"LIVE"
+               if port_in_use(admin) else False, 30)
+    capacity_per_s = BACKEND_WORKERS * 1000 // BACKEND_SERVICE_MS
+    note(f"Envoy with envoy/adaptive.yaml on 127.0.0.1:{listener}; the backend serves {BACKEND_WORKERS} requests at "
+         f"once for {BACKEND_SERVICE_MS} ms each ({capacity_per_s}/s), queues 200, then answers 503")
+
+    def load(connections: int, seconds: int) -> dict:
+        out = subprocess.run([str(load_bin), "--url", f"http://127.0.0.1:{listener}/work", "--connections",
+                              str(connections), "--duration", f"{seconds}s"],
+                             capture_output=True, text=True, timeout=seconds + 60)
+        if out.returncode != 0:
+            raise DemoError(f"keel-load failed: {out.stderr.strip()[:300]}")
+        return json.loads(out.stdout)
+
+    def gauge(name: str) -> int:
+        text = admin_get(f"/stats?filter=keel.adaptive.backend.{name}$", ("127.0.0.1", admin)).body.decode()
+        values = [int(v) for v in (line.rsplit(":", 1)[-1].strip() for line in text.splitlines()) if v.isdigit()]
+        return values[0] if values else 0
+
+    def step(label: str, result: dict) -> dict:
+        lat = result["ok_latency_us"]
+        row = {"label": label, "ok_per_s": round(result["ok_per_s"]), "p50_ms": round(lat["p50"] / 1000, 1),
+               "p99_ms": round(lat["p99"] / 1000, 1), "by_status": result["by_status"], "errors": result["errors"],
+               "limit": gauge("limit")}
+        demo.event(f"adaptive, {label}: {row['ok_per_s']} ok/s, p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
+                   f"statuses {row['by_status']}, Keel's limit {row['limit']}")
+        return row
+
+    steps = [step("unloaded (1 connection)", load(1, 2))]
+    steps.append(step(f"60 connections (3x its {BACKEND_WORKERS} workers)", load(60, 4)))
+    capacity(2 * BACKEND_SERVICE_MS)
+    steps.append(step(f"60 connections, service time doubled to {2 * BACKEND_SERVICE_MS} ms", load(60, 4)))
+    demo.figures["g"] = {"capacity_per_s": capacity_per_s, "steps": steps}
+    if not any(row["ok_per_s"] for row in steps):
+        raise DemoError(f"phase g: no request succeeded through the adaptive limit: {steps}")
+    procs.stop("adaptive-envoy")
+    procs.stop("backend")
+
+
 def tally(values) -> dict[str, int]:
     out: dict[str, int] = {}
     for v in values:
@@ -1163,6 +1233,21 @@ def write_report(demo: Demo, total_s: float) -> Path:
             + ", ".join(f"`{k}` {v}" for k, v in sorted(i["stats"].items())),
             "",
         ]
+    g = f.get("g")
+    if g:
+        lines += [
+            "## Phase g: adaptive protection",
+            "",
+            f"An Envoy with `envoy/adaptive.yaml` (Keel's gradient concurrency limit, its defaults) in front of an upstream "
+            f"of {BACKEND_WORKERS} workers (capacity {g['capacity_per_s']} requests/s at {BACKEND_SERVICE_MS} ms each, a "
+            f"queue of 200, then 503), loaded by `keel-load`; then its service time doubles.",
+            "",
+            "| load | successful/s | p50 | p99 | statuses | Keel's limit after |",
+            "|---|---:|---:|---:|---|---:|",
+        ]
+        lines += [f"| {r['label']} | {r['ok_per_s']} | {r['p50_ms']} ms | {r['p99_ms']} ms | "
+                  f"{', '.join(f'{k}: {v}' for k, v in sorted(r['by_status'].items()))} | {r['limit']} |" for r in g["steps"]]
+        lines += ["", "Keel's refusals are `503` with `x-keel-adaptive: backend`; the upstream's own are `503` past its queue.", ""]
     if demo.log_lines:
         lines += ["## Events", ""]
         lines += [f"- {t:5.1f} s (phase {p}): {text}" for t, p, text in demo.log_lines]
@@ -1305,6 +1390,9 @@ def main() -> int:
         say("Phase f: idempotency keys (a replay, a conflict, a mismatch)")
         demo.recorder.phase = "f"
         phase_f(demo, envoy)
+        say("Phase g: adaptive protection (an overloaded upstream, then a slower one)")
+        demo.recorder.phase = "g"
+        phase_g(demo, envoy)
         sampler.stop.set()
         total = time.monotonic() - t_begin
         REPORT_DIR.mkdir(exist_ok=True)
@@ -1333,7 +1421,7 @@ def main() -> int:
         procs.stop_all()
         if REPORT_DIR.is_dir():
             for name in ("envoy", "etcd", "static", *USER_PORTS, "redis", "webdis", "fleet-envoy-0", "fleet-envoy-1", "orders",
-                         "orders-envoy"):
+                         "orders-envoy", "backend", "adaptive-envoy"):
                 log = work / f"{name}.log"
                 if log.is_file():
                     shutil.copy(log, REPORT_DIR / f"{name}.log")
@@ -1367,6 +1455,10 @@ def summary(demo: Demo) -> None:
         note(f"f: one keyed POST ran upstream {i['upstream_posts']}x; repeats in flight {i['concurrent']}, "
              f"after it {i['replays']} ({i['replays_identical']} byte for byte, marked idempotent-replayed), "
              f"another body {i['mismatch']}")
+    if "g" in f:
+        g = f["g"]
+        note("g: " + "; ".join(f"{r['label']}: {r['ok_per_s']} ok/s, p99 {r['p99_ms']} ms, limit {r['limit']}"
+                               for r in g["steps"]))
     if "d" in f and "skipped" not in f["d"]:
         d = f["d"]
         note(f"d: join moved {100 * d['moved_on_add_share']:.1f} % of keys (expected ~25 %), "
