@@ -27,7 +27,7 @@ Phases, each bounded in time, while a steady load runs on /api/, /users/ and /st
      with another body 422
   g. adaptive protection: an Envoy with envoy/adaptive.yaml (listener 10031) in front of an
      upstream of 20 workers at 10 ms each (18086), offered three times its capacity by keel-load;
-     then the service time doubles and Keel's concurrency limit follows
+     then half its workers go and Keel's concurrency limit follows
 
 Everything started is stopped at the end, on Ctrl-C and on failure.
 """
@@ -843,10 +843,10 @@ def phase_g(demo: Demo, envoy: Path) -> None:
         raise DemoError(f"{load_bin} not found (cargo build --release -p keel-upstream builds it)")
     demo.start_upstream("backend", BACKEND_PORT)
 
-    def capacity(service_ms: int) -> None:
-        control(BACKEND_PORT, "capacity", {"concurrency": BACKEND_WORKERS, "service": f"{service_ms}ms", "queue": 200})
+    def capacity(workers: int) -> None:
+        control(BACKEND_PORT, "capacity", {"concurrency": workers, "service": f"{BACKEND_SERVICE_MS}ms", "queue": 200})
 
-    capacity(BACKEND_SERVICE_MS)
+    capacity(BACKEND_WORKERS)
     listener, admin = ADAPTIVE_ENVOY
     text = (ROOT / "envoy" / "adaptive.yaml").read_text()
     # The flaky cluster gets no request here; its port points at nothing.
@@ -890,8 +890,8 @@ def phase_g(demo: Demo, envoy: Path) -> None:
 
     steps = [step("unloaded (1 connection)", load(1, 2))]
     steps.append(step(f"60 connections (3x its {BACKEND_WORKERS} workers)", load(60, 4)))
-    capacity(2 * BACKEND_SERVICE_MS)
-    steps.append(step(f"60 connections, service time doubled to {2 * BACKEND_SERVICE_MS} ms", load(60, 4)))
+    capacity(BACKEND_WORKERS // 2)
+    steps.append(step(f"60 connections, capacity halved to {BACKEND_WORKERS // 2} workers", load(60, 4)))
     demo.figures["g"] = {"capacity_per_s": capacity_per_s, "steps": steps}
     if not any(row["ok_per_s"] for row in steps):
         raise DemoError(f"phase g: no request succeeded through the adaptive limit: {steps}")
@@ -1240,7 +1240,7 @@ def write_report(demo: Demo, total_s: float) -> Path:
             "",
             f"An Envoy with `envoy/adaptive.yaml` (Keel's gradient concurrency limit, its defaults) in front of an upstream "
             f"of {BACKEND_WORKERS} workers (capacity {g['capacity_per_s']} requests/s at {BACKEND_SERVICE_MS} ms each, a "
-            f"queue of 200, then 503), loaded by `keel-load`; then its service time doubles.",
+            f"queue of 200, then 503), loaded by `keel-load`; then half its workers go.",
             "",
             "| load | successful/s | p50 | p99 | statuses | Keel's limit after |",
             "|---|---:|---:|---:|---|---:|",
@@ -1390,7 +1390,7 @@ def main() -> int:
         say("Phase f: idempotency keys (a replay, a conflict, a mismatch)")
         demo.recorder.phase = "f"
         phase_f(demo, envoy)
-        say("Phase g: adaptive protection (an overloaded upstream, then a slower one)")
+        say("Phase g: adaptive protection (an overloaded upstream, then one of half the capacity)")
         demo.recorder.phase = "g"
         phase_g(demo, envoy)
         sampler.stop.set()
