@@ -653,6 +653,15 @@ impl RootContext for DiscoveryRoot {
             lease_errors: poller.counter("store_errors"),
         }));
         self.poller = None;
+        // Create the poller lease before the first tick: the first write of an absent key is
+        // unconditional on Envoy, so two workers taking a missing lease at once would both
+        // poll (for one tick) and both count an acquisition. An empty value is a free lease.
+        if let Err(e) = store::ensure(LEASE_KEY, &[]) {
+            log::warn(
+                FILTER,
+                &format!("could not create the poller lease in shared data ({e:?}); two VMs may poll at first"),
+            );
+        }
         if !self
             .stage
             .set_tick_period(std::time::Duration::from_nanos(tick.as_nanos()))

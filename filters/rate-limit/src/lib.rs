@@ -403,6 +403,13 @@ impl RootContext for RateLimitRoot {
         }
         names.insert_str(0, "configured policies: ");
         log::info(FILTER, &names);
+        if fleet_refill.is_some() {
+            // The refresher's election, created before the first tick (as discovery's poller
+            // lease): two VMs taking an absent key at once would both win it.
+            if let Err(e) = store::ensure(fleet::REFRESHER_KEY, &[]) {
+                log::warn(FILTER, &format!("could not create the refresher's lease in shared data ({e:?}); two VMs may refresh at first"));
+            }
+        }
         self.ticker.fleet_every.set(fleet_refill);
         if fleet_refill.is_some() && self.ticker.period.get() != Period::Park {
             self.ticker.set(Period::Fleet);
